@@ -1,0 +1,100 @@
+"""One DSA attention layer: MLA projections, cache update, lightning-indexer selection, attention.
+
+The same code serves prefill (S new tokens from position 0), chunked prefill and decode (S = 1 at each
+sequence's own position): keys are cache slots ``0 .. kv_len-1`` and query ``t`` may see slot ``s``
+iff ``s <= position(t)``. Queries are processed in blocks of ``RunOptions.query_chunk`` so that no
+``[queries, keys]`` score matrix larger than a block is ever materialised.
+
+With ``kv_len <= index_topk`` the indexer would select every visible key, so DSA equals dense causal
+attention exactly and the selection is skipped (the indexer keys are still cached).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from dsv32_jax import cache as cache_lib
+from dsv32_jax import indexer, mla
+from dsv32_jax.config import ModelConfig
+from dsv32_jax.layers import linear
+from dsv32_jax.options import RunOptions
+
+
+def selection_mask(idx: Int[Array, "b s k"], kv_len: int) -> Bool[Array, "b s t"]:
+  """The index mask as booleans: True at the selected keys (idx = -1 selects nothing)."""
+  b, s, _ = idx.shape
+  safe = jnp.where(idx < 0, kv_len, idx)  # out of range: dropped by the scatter
+  rows = jnp.zeros((b, s, kv_len), bool)
+  return jax.vmap(jax.vmap(lambda r, i: r.at[i].set(True, mode="drop")))(rows, safe)
+
+
+def map_query_blocks(fn, block: int, *arrays):
+  """fn over blocks of the query axis (axis 1) of each array; outputs concatenated on axis 1."""
+  s = arrays[0].shape[1]
+  if s <= block:
+    return fn(*arrays)
+  n = -(-s // block)
+  pad = n * block - s
+
+  def split(a):
+    a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    return jnp.moveaxis(a.reshape(a.shape[0], n, block, *a.shape[2:]), 1, 0)
+
+  def merge(out):
+    out = jnp.moveaxis(out, 0, 1)
+    return out.reshape(out.shape[0], n * block, *out.shape[3:])[:, :s]
+
+  return jax.tree.map(merge, jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in arrays)))
+
+
+def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s d"], cache: cache_lib.LayerCache,
+              layer: Int[Array, ""], start: Int[Array, "b"], kv_len: int, cos, sin):
+  """Returns (output [B,S,D], cache with this layer's new slots written, top-k indices [B,S,k] or None).
+
+  The indices are None when kv_len <= index_topk (every visible key is attended).
+  """
+  b, s, _ = x.shape
+  decode = s == 1  # as the official code: one new token takes the absorbed path
+  form = opts.decode_attention if decode else opts.prefill_attention
+  gather = (opts.decode_selection if decode else opts.prefill_selection) == "gather"
+
+  q_nope, q_pe, qr = mla.project_queries(p, cfg, x, cos, sin)
+  c, k_pe = mla.project_latent(p, cfg, x, cos, sin, opts.latent_quant)
+  index_k, index_k_scale = indexer.indexer_keys(p["indexer"], cfg, x, cos, sin, opts.indexer_quant)
+  cache = cache_lib.write(cache, layer, start, cache_lib.LayerCache(c, k_pe, index_k, index_k_scale))
+  keys = cache_lib.read(cache, layer, kv_len)
+
+  select = kv_len > cfg.index_topk
+  if select:
+    index_q, index_w = indexer.indexer_queries(p["indexer"], cfg, x, qr, cos, sin, opts.indexer_quant)
+  else:  # placeholders of the right batch/query shape; unused
+    index_q, index_w = jnp.zeros((b, s, 1, 1), x.dtype), jnp.zeros((b, s, 1), jnp.float32)
+  if form == "naive":
+    k_nope, v = mla.expand_keys(p, cfg, keys.kv)
+    q_main = q_nope
+  else:
+    q_main = mla.absorb_query(p, cfg, q_nope)
+  positions = start[:, None] + jnp.arange(s, dtype=start.dtype)
+  key_pos = jnp.arange(kv_len)
+
+  def attend(q_main, q_pe, index_q, index_w, pos):
+    visible = key_pos[None, None, :] <= pos[:, :, None]
+    idx = None
+    if select:
+      logits = indexer.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, visible)
+      idx = indexer.select_topk(logits, cfg.index_topk)
+      if not gather:
+        visible = visible & selection_mask(idx, kv_len)
+    if form == "naive":
+      return mla.naive_attention(cfg, q_main, q_pe, k_nope, v, keys.k_pe, visible), idx
+    if gather:
+      o_lat = mla.sparse_attention(cfg, q_main, q_pe, keys.kv, keys.k_pe,
+                                   idx if select else jnp.where(visible, key_pos, -1))
+    else:
+      o_lat = mla.absorbed_attention(cfg, q_main, q_pe, keys.kv, keys.k_pe, visible)
+    return mla.latent_output(p, cfg, o_lat), idx
+
+  o, idx = map_query_blocks(attend, opts.query_chunk, q_main, q_pe, index_q, index_w, positions)
+  return linear(p["wo"], o.reshape(b, s, -1)), cache, (idx if select else None)

@@ -1,0 +1,75 @@
+"""DeepSeek-V3 mixture of experts: sigmoid group-limited routing with a bias, routed + shared experts.
+
+Official ``Gate`` / ``MoE`` (``../shared/reference-spec.md`` section 6)::
+
+  s = sigmoid(x @ gate.T) (fp32);  sel = s + bias            # the bias only chooses
+  group score = sum of the top-2 of sel in each group;  keep the top n_limited_groups groups
+  idx = top_k(sel over kept groups, n_activated);  w = s[idx] / sum(s[idx]) * route_scale
+  y = sum_i w_i * expert_i(x) + shared(x)                    # accumulated in fp32
+
+Experts run as a grouped matmul over the (token, expert) pairs sorted by expert, so each expert's
+weights are read once, with static shapes and no host sync.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from dsv32_jax.config import ModelConfig
+from dsv32_jax.layers import linear_operands, swiglu
+from pallas_kernels import dispatch
+
+
+def route(p_gate: dict, cfg: ModelConfig, x: Float[Array, "n d"]) -> tuple[Float[Array, "n k"], Int[Array, "n k"]]:
+  """(weights [N, K] float32, expert ids [N, K] int32) for each token."""
+  n = x.shape[0]
+  logits = jnp.einsum("nd,ed->ne", x.astype(jnp.float32), p_gate["weight"].astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+  scores = jax.nn.sigmoid(logits)
+  biased = scores + p_gate["bias"].astype(jnp.float32)
+  if cfg.n_expert_groups > 1:
+    grouped = biased.reshape(n, cfg.n_expert_groups, -1)
+    group_scores = jax.lax.top_k(grouped, 2)[0].sum(axis=-1)
+    _, keep = jax.lax.top_k(group_scores, cfg.n_limited_groups)
+    kept = jnp.zeros((n, cfg.n_expert_groups), bool).at[jnp.arange(n)[:, None], keep].set(True)
+    biased = jnp.where(kept[:, :, None], grouped, -jnp.inf).reshape(n, -1)
+  _, idx = jax.lax.top_k(biased, cfg.n_activated_experts)
+  weights = jnp.take_along_axis(scores, idx, axis=-1)
+  weights = weights / weights.sum(axis=-1, keepdims=True) * cfg.route_scale
+  return weights, idx.astype(jnp.int32)
+
+
+def grouped_linear(p: dict, rows: Float[Array, "m i"], group_sizes: Int[Array, "e"], impl: str) -> Float[Array, "m o"]:
+  """Per-group linear over rows sorted by group: rows of group g use weight[g] ([E, out, in])."""
+  xq, w = linear_operands(p, rows)
+  return dispatch.grouped_matmul(xq, w, group_sizes, impl=impl).astype(rows.dtype)
+
+
+def routed_experts(p: dict, cfg: ModelConfig, x: Float[Array, "n d"], weights: Float[Array, "n k"],
+                   idx: Int[Array, "n k"], impl: str = "auto") -> Float[Array, "n d"]:
+  """sum_k weights[:, k] * expert_{idx[:, k]}(x), in float32, as one grouped matmul per projection."""
+  n, k = idx.shape
+  flat = idx.reshape(-1)
+  order = jnp.argsort(flat, stable=True)              # (token, slot) pairs sorted by expert
+  token = order // k
+  group_sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
+  rows = x[token]
+  gate = grouped_linear(p["w1"], rows, group_sizes, impl).astype(jnp.float32)
+  up = grouped_linear(p["w3"], rows, group_sizes, impl).astype(jnp.float32)
+  hidden = (jax.nn.silu(gate) * up).astype(x.dtype)
+  out = grouped_linear(p["w2"], hidden, group_sizes, impl)
+  weighted = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+  return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(weighted)
+
+
+def moe(p: dict, cfg: ModelConfig, x: Float[Array, "b s d"], impl: str = "auto") -> Float[Array, "b s d"]:
+  shape = x.shape
+  x = x.reshape(-1, shape[-1])
+  weights, idx = route(p["gate"], cfg, x)
+  y = routed_experts(p["experts"], cfg, x, weights, idx, impl)
+  if "shared" in p:
+    y = y + swiglu(p["shared"], x).astype(jnp.float32)
+  return y.astype(x.dtype).reshape(shape)
+

@@ -1,0 +1,55 @@
+"""How to run the model: precision, the release's FP8 simulations, and which attention form to use.
+
+Static (hashable) settings passed to jitted functions; they never change the parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+ATTENTION_FORMS = ("naive", "absorbed")     # MLA with per-head keys / in the 512-d latent (MQA mode)
+SELECTIONS = ("mask", "gather")             # top-k applied as a score mask / by gathering the chosen rows
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+  dtype: str = "bfloat16"                   # activation and cache dtype ("float32" for exact comparisons)
+  indexer_quant: bool = True                # Hadamard + FP8 e4m3 indexer, as released
+  latent_quant: bool = True                 # round the MLA latent through FP8 before caching (Dec 2025 code)
+  prefill_attention: str = "naive"          # the official prefill computes MLA unabsorbed
+  decode_attention: str = "absorbed"        # and decode in the latent
+  prefill_selection: str = "mask"           # the official demo masks dense scores
+  decode_selection: str = "gather"          # gathering 2048 rows beats masking 128K at decode
+  query_chunk: int = 256                    # queries per block when scoring and attending (bounds memory)
+  kernels: str = "auto"                     # "auto" | "reference" | "pallas": see pallas_kernels.dispatch
+
+  def __post_init__(self):
+    if self.dtype not in ("bfloat16", "float32"):
+      raise ValueError(f"RunOptions.dtype = {self.dtype!r}: expected 'bfloat16' or 'float32'")
+    for name in ("prefill_attention", "decode_attention"):
+      if getattr(self, name) not in ATTENTION_FORMS:
+        raise ValueError(f"RunOptions.{name} = {getattr(self, name)!r}: expected one of {ATTENTION_FORMS}")
+    for name in ("prefill_selection", "decode_selection"):
+      if getattr(self, name) not in SELECTIONS:
+        raise ValueError(f"RunOptions.{name} = {getattr(self, name)!r}: expected one of {SELECTIONS}")
+    for phase in ("prefill", "decode"):
+      if getattr(self, f"{phase}_attention") == "naive" and getattr(self, f"{phase}_selection") == "gather":
+        raise ValueError(f"RunOptions: {phase}_attention='naive' applies the top-k set as a mask;"
+                         f" gathering needs {phase}_attention='absorbed'")
+    if self.query_chunk <= 0:
+      raise ValueError(f"RunOptions.query_chunk = {self.query_chunk} must be positive")
+    if self.kernels not in ("auto", "reference", "pallas"):
+      raise ValueError(f"RunOptions.kernels = {self.kernels!r}: expected 'auto', 'reference' or 'pallas'")
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def replace(self, **changes) -> "RunOptions":
+    return dataclasses.replace(self, **changes)
+
+
+EXACT_F32 = RunOptions(dtype="float32", indexer_quant=False, latent_quant=False)
+"""The model in float32 without the release's FP8 rounding: what transformers computes."""

@@ -1,0 +1,172 @@
+"""Whole-model consistency: decode = prefill, absorbed = naive MLA, selection forms, chunking, batching."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv32_jax import cache as cache_lib
+from dsv32_jax import model
+from dsv32_jax.attention import attention
+from dsv32_jax.generate import GenerationError, generate
+from dsv32_jax.layers import rms_norm
+from dsv32_jax.options import EXACT_F32, RunOptions
+from dsv32_jax.rope import rope_angles
+from tests.conftest import rel_err
+
+F32_FP8 = RunOptions(dtype="float32")  # the release's FP8 simulations, in float32
+
+
+def prefill_logits(params, cfg, opts, tokens, cache_len=None):
+  b, s = tokens.shape
+  cache = cache_lib.init_cache(cfg, cfg.n_layers, b, cache_len or s, opts.jnp_dtype, opts.indexer_quant)
+  fn = jax.jit(lambda p, t, c: model.forward(p, cfg, opts, t, jnp.zeros(b, jnp.int32), c, kv_len=s))
+  hidden, cache = fn(params, tokens, cache)
+  return model.logits(params, hidden), cache
+
+
+def decode_logits(params, cfg, opts, tokens, cache_len):
+  b, s = tokens.shape
+  cache = cache_lib.init_cache(cfg, cfg.n_layers, b, cache_len, opts.jnp_dtype, opts.indexer_quant)
+  step = jax.jit(lambda p, t, pos, c: model.forward(p, cfg, opts, t, pos, c))
+  out = []
+  for i in range(s):
+    hidden, cache = step(params, tokens[:, i:i + 1], jnp.full((b,), i, jnp.int32), cache)
+    out.append(model.logits(params, hidden))
+  return jnp.concatenate(out, axis=1)
+
+
+def tokens_for(cfg, rng, b, s):
+  return jnp.asarray(rng.integers(0, cfg.vocab_size, (b, s)), jnp.int32)
+
+
+@pytest.mark.parametrize("weights, opts", [("bf16", EXACT_F32), ("fp8", F32_FP8)])
+def test_decode_step_by_step_equals_prefill(tiny_cfg, tiny_params_bf16, tiny_params_fp8, rng, weights, opts):
+  params = tiny_params_fp8 if weights == "fp8" else tiny_params_bf16
+  tokens = tokens_for(tiny_cfg, rng, 2, 40)  # 40 > index_topk = 16: the indexer selects
+  ref, _ = prefill_logits(params, tiny_cfg, opts, tokens)
+  dec = decode_logits(params, tiny_cfg, opts, tokens, cache_len=64)
+  assert rel_err(dec, ref) < 1e-5
+
+
+def test_bf16_decode_equals_bf16_prefill_in_the_same_form(tiny_cfg, tiny_params_fp8, rng):
+  """Released precision (bf16 + FP8): decode runs absorbed + gathered; so can prefill."""
+  opts = RunOptions(prefill_attention="absorbed", prefill_selection="gather")
+  tokens = tokens_for(tiny_cfg, rng, 2, 24)
+  ref, _ = prefill_logits(tiny_params_fp8, tiny_cfg, opts, tokens)
+  dec = decode_logits(tiny_params_fp8, tiny_cfg, opts, tokens, cache_len=32)
+  assert rel_err(dec, ref) < 1e-2
+
+
+def test_bf16_tracks_float32(tiny_cfg, tiny_params_bf16, rng):
+  tokens = tokens_for(tiny_cfg, rng, 2, 40)
+  f32, _ = prefill_logits(tiny_params_bf16, tiny_cfg, EXACT_F32, tokens)
+  bf16, _ = prefill_logits(tiny_params_bf16, tiny_cfg, EXACT_F32.replace(dtype="bfloat16"), tokens)
+  assert rel_err(bf16, f32) < 0.1
+
+
+@pytest.mark.parametrize("variant", [
+    dict(prefill_attention="absorbed"),
+    dict(prefill_attention="absorbed", prefill_selection="gather"),
+    dict(query_chunk=7),
+    dict(prefill_attention="absorbed", prefill_selection="gather", query_chunk=16),
+])
+def test_attention_forms_agree(tiny_cfg, tiny_params_bf16, rng, variant):
+  """Absorbed (latent) MLA = naive MLA; gathered top-k rows = masked scores; query blocks = one block."""
+  tokens = tokens_for(tiny_cfg, rng, 2, 40)
+  ref, _ = prefill_logits(tiny_params_bf16, tiny_cfg, EXACT_F32, tokens)
+  out, _ = prefill_logits(tiny_params_bf16, tiny_cfg, EXACT_F32.replace(**variant), tokens)
+  assert rel_err(out, ref) < 1e-5
+
+
+def test_absorbed_equals_naive_with_fp8_weights(tiny_cfg, tiny_params_fp8, rng):
+  tokens = tokens_for(tiny_cfg, rng, 1, 33)
+  ref, _ = prefill_logits(tiny_params_fp8, tiny_cfg, F32_FP8, tokens)
+  out, _ = prefill_logits(tiny_params_fp8, tiny_cfg, F32_FP8.replace(prefill_attention="absorbed"), tokens)
+  assert rel_err(out, ref) < 1e-5
+
+
+def test_chunked_prefill_equals_one_prefill(tiny_cfg, tiny_params_fp8, rng):
+  """A prefill continued from position 20 (keys from the cache) = prefilling all 44 tokens at once."""
+  tokens = tokens_for(tiny_cfg, rng, 2, 44)
+  ref, _ = prefill_logits(tiny_params_fp8, tiny_cfg, F32_FP8, tokens)
+  cache = cache_lib.init_cache(tiny_cfg, tiny_cfg.n_layers, 2, 64, jnp.float32)
+  step = jax.jit(lambda p, t, s, c: model.forward(p, tiny_cfg, F32_FP8, t, s, c))
+  h1, cache = step(tiny_params_fp8, tokens[:, :20], jnp.zeros(2, jnp.int32), cache)
+  h2, cache = step(tiny_params_fp8, tokens[:, 20:], jnp.full((2,), 20, jnp.int32), cache)
+  out = model.logits(tiny_params_fp8, jnp.concatenate([h1, h2], axis=1))
+  assert rel_err(out, ref) < 1e-5
+
+
+def test_dsa_equals_dense_causal_attention_within_index_topk(tiny_cfg, tiny_params_bf16, rng):
+  """Rows with at most index_topk visible keys select all of them: identical to dense causal attention,
+  even when the selection machinery runs (kv_len > index_topk)."""
+  s, k = 40, tiny_cfg.index_topk
+  p = jax.tree.map(lambda a: a[0], tiny_params_bf16["moe_layers"])
+  x = jnp.asarray(rng.standard_normal((2, s, tiny_cfg.dim)), jnp.float32)
+  x = rms_norm(x, p["attn_norm"], tiny_cfg.norm_eps)
+  cos, sin = rope_angles(tiny_cfg, jnp.broadcast_to(jnp.arange(s), (2, s)))
+  start = jnp.zeros(2, jnp.int32)
+
+  def run(cfg):
+    cache = cache_lib.init_cache(cfg, 1, 2, s, jnp.float32, False)
+    return attention(p["attn"], cfg, EXACT_F32, x, cache, jnp.int32(0), start, s, cos, sin)
+
+  sparse, _, idx = run(tiny_cfg)
+  dense, _, no_idx = run(tiny_cfg.replace(index_topk=s))
+  assert no_idx is None and idx.shape == (2, s, k)
+  assert rel_err(sparse[:, :k], dense[:, :k]) < 1e-6     # rows 0..k-1 see <= k keys
+  assert rel_err(sparse[:, k:], dense[:, k:]) > 1e-3     # later rows really are sparse
+  valid = np.asarray(idx) >= 0
+  assert (valid.sum(-1) == np.minimum(np.arange(s) + 1, k)[None]).all()
+  assert (np.where(valid, np.asarray(idx), 0) <= np.arange(s)[None, :, None]).all()  # causal
+
+
+def test_batched_prompts_of_different_lengths(tiny_cfg, tiny_params_fp8, rng):
+  """Right-padded batch = each prompt alone (greedy, float32)."""
+  prompts = [rng.integers(2, tiny_cfg.vocab_size, n).tolist() for n in (37, 9, 22)]
+  batch = generate(tiny_params_fp8, tiny_cfg, F32_FP8, prompts, 12, stop_at_eos=False)
+  for prompt, got in zip(prompts, batch.tokens):
+    alone = generate(tiny_params_fp8, tiny_cfg, F32_FP8, [prompt], 12, stop_at_eos=False, max_len=64)
+    assert got == alone.tokens[0]
+  assert batch.decode_steps == 11 and batch.prompt_tokens == 68
+
+
+def test_generation_errors(tiny_cfg, tiny_params_fp8):
+  run = lambda prompts, n=4, **kw: generate(tiny_params_fp8, tiny_cfg, F32_FP8, prompts, n, **kw)  # noqa: E731
+  with pytest.raises(GenerationError, match="outside the vocabulary"):
+    run([[1, 2, tiny_cfg.vocab_size]])
+  with pytest.raises(GenerationError, match="exceed the cache of 16 positions"):
+    run([list(range(2, 16))], n=4, max_len=16)
+  with pytest.raises(GenerationError, match="prompt 1 is empty"):
+    run([[3], []])
+  with pytest.raises(GenerationError, match="max_position_embeddings"):
+    run([[3]], max_len=tiny_cfg.max_seq_len + 64)
+
+
+def test_mtp_module(tiny_cfg, tiny_params_fp8, rng):
+  """MTP: eh_proj([enorm(embed(t+1)); hnorm(h_t)]) -> one MoE block -> shared_head.norm -> main head."""
+  cfg, params = tiny_cfg, tiny_params_fp8
+  tokens = tokens_for(cfg, rng, 2, 30)
+  b, s = tokens.shape
+  cache = cache_lib.init_cache(cfg, cfg.n_layers, b, s, jnp.float32)
+  start = jnp.zeros(b, jnp.int32)
+  hidden, _ = jax.jit(lambda p, t, c: model.forward(p, cfg, F32_FP8, t, start, c, kv_len=s))(params, tokens, cache)
+  nxt = jnp.roll(tokens, -1, axis=1)
+  mtp_cache = cache_lib.init_cache(cfg, cfg.n_mtp_layers, b, s, jnp.float32)
+  out, _ = jax.jit(lambda p, h, t, c: model.mtp_forward(p, cfg, F32_FP8, h, t, start, c, kv_len=s))(
+      params, hidden, nxt, mtp_cache)
+  assert out.shape == hidden.shape and bool(jnp.isfinite(out).all())
+  # written out by hand
+  p = jax.tree.map(lambda a: a[0], params["mtp"])
+  e = rms_norm(params["embed"][nxt].astype(jnp.float32), p["enorm"], cfg.norm_eps)
+  h = rms_norm(hidden, p["hnorm"], cfg.norm_eps)
+  w = jnp.asarray(p["eh_proj"]["weight"], jnp.float32)
+  z = jnp.concatenate([e, h], -1) @ w.T
+  cos, sin = rope_angles(cfg, jnp.broadcast_to(jnp.arange(s), (b, s)))
+  run_block = jax.jit(lambda p, z, c: model.block(p, cfg, F32_FP8, z, c, jnp.int32(0), start, s, cos, sin, True)[0])
+  ref = rms_norm(run_block(p["block"], z, mtp_cache), p["norm"], cfg.norm_eps)
+  assert rel_err(out, ref) < 1e-5
+  swapped = jnp.concatenate([h, e], -1) @ w.T  # the order matters: embedding first
+  assert rel_err(swapped, jnp.concatenate([e, h], -1) @ w.T) > 0.1
+  assert model.logits(params, out).shape == (b, s, cfg.vocab_size)

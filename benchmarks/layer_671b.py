@@ -1,0 +1,145 @@
+"""One DeepSeek-V3.2 MoE layer at the 671B shapes (MLA + indexer + MoE with 256 experts), random weights.
+
+Times prefill at several lengths and a decode step with the plain-JAX reference path (the baseline the
+Pallas kernels must beat), and its parts: the indexer selection, the attention, the MoE.
+
+  PYTHONPATH=. python3 benchmarks/layer_671b.py --out results.json           # on a GPU
+  PYTHONPATH=. python3 benchmarks/layer_671b.py --preset tiny --prefill 64    # a quick check on CPU
+
+Weights are drawn on the device (never on the host); linears are bf16 unless --fp8 (then e4m3 with
+block scales, dequantised by the reference path at each call).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsv32_jax import attention as attention_lib
+from dsv32_jax import cache as cache_lib
+from dsv32_jax import model, moe
+from dsv32_jax.config import preset
+from dsv32_jax.layers import rms_norm
+from dsv32_jax.options import RunOptions
+from dsv32_jax.params import block_specs, is_spec, with_release_dtypes
+from dsv32_jax.rope import rope_angles
+
+
+def random_layer(cfg, key, fp8: bool):
+  """One MoE block's parameters, drawn on the device; with fp8, the release's e4m3 + block-scale layout."""
+  specs = with_release_dtypes(block_specs(cfg, moe=True)) if fp8 else block_specs(cfg, moe=True)
+  leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+  keys = jax.random.split(key, len(leaves))
+  unit = 2.0 ** -8  # a power-of-two block scale that keeps N(0, 1/in) weights inside e4m3's range
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def draw(spec, k):
+    if spec.init == "norm":
+      return 1.0 + 0.1 * jax.random.normal(k, spec.shape, jnp.float32)
+    if spec.init == "bias":
+      return 0.1 * jax.random.normal(k, spec.shape, jnp.float32)
+    if spec.init == "scale":
+      return jnp.full(spec.shape, unit, jnp.float32)
+    w = jax.random.normal(k, spec.shape, jnp.float32) * spec.shape[-1] ** -0.5
+    if fp8 and spec.fp8_in_release:
+      return (w / unit).astype(jnp.float8_e4m3fn)
+    return w.astype(jnp.bfloat16)
+
+  return jax.tree.unflatten(treedef, [draw(s, k) for s, k in zip(leaves, keys)])
+
+
+def time_fn(fn, *args, iters: int):
+  out = fn(*args)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--preset", default="v32-671b")
+  ap.add_argument("--prefill", type=int, nargs="*", default=[4096, 16384])
+  ap.add_argument("--decode-batch", type=int, nargs="*", default=[1, 32])
+  ap.add_argument("--decode-context", type=int, default=16384)
+  ap.add_argument("--iters", type=int, default=5)
+  ap.add_argument("--fp8", action="store_true", help="FP8 e4m3 linear weights with block scales")
+  ap.add_argument("--kernels", default="auto", choices=["auto", "reference", "pallas"])
+  ap.add_argument("--out")
+  args = ap.parse_args(argv)
+
+  cfg = preset(args.preset)
+  opts = RunOptions(kernels=args.kernels)
+  dtype = opts.jnp_dtype
+  p = random_layer(cfg, jax.random.key(0), args.fp8)
+  print(f"device: {jax.devices()[0].device_kind}; preset {args.preset}; weights {'fp8' if args.fp8 else 'bf16'}; "
+        f"kernels {args.kernels}", flush=True)
+  results = {"device": jax.devices()[0].device_kind, "preset": args.preset, "fp8": args.fp8, "rows": []}
+
+  def record(name, seconds, tokens, compile_s):
+    row = {"what": name, "ms": seconds * 1e3, "tokens_per_s": tokens / seconds, "compile_s": compile_s}
+    results["rows"].append(row)
+    print(f"{name:44s} {seconds * 1e3:10.2f} ms  {tokens / seconds:12.1f} tokens/s  (compile {compile_s:.1f} s)",
+          flush=True)
+
+  def bench(name, fn, args_, tokens):
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args_).compile()
+    compile_s = time.perf_counter() - t0
+    record(name, time_fn(compiled, *args_, iters=args.iters), tokens, compile_s)
+
+  for s in args.prefill:
+    key = jax.random.key(s)
+    x = jax.random.normal(key, (1, s, cfg.dim), jnp.float32).astype(dtype)
+    cache = cache_lib.init_cache(cfg, 1, 1, s, dtype, opts.indexer_quant)
+    start = jnp.zeros(1, jnp.int32)
+    cos, sin = rope_angles(cfg, jnp.arange(s)[None])
+
+    def layer(p, x, cache):
+      h, cache, _ = model.block(p, cfg, opts, x, cache, jnp.int32(0), start, s, cos, sin, True)
+      return h, cache
+
+    def attn_only(p, x, cache):
+      out, cache, _ = attention_lib.attention(p["attn"], cfg, opts, x, cache, jnp.int32(0), start, s, cos, sin)
+      return out
+
+    def moe_only(p, x):
+      return moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps), impl=opts.kernels)
+
+    bench(f"prefill {s}: whole layer", layer, (p, x, cache), s)
+    bench(f"prefill {s}: attention (indexer + top-k + MLA)", attn_only, (p, x, cache), s)
+    bench(f"prefill {s}: MoE (gate + {cfg.n_routed_experts} experts + shared)", moe_only, (p, x), s)
+
+  t = args.decode_context
+  for b in args.decode_batch:
+    key = jax.random.key(b)
+    cache = cache_lib.init_cache(cfg, 1, b, t, dtype, opts.indexer_quant)
+    cache = jax.tree.map(lambda a: jax.random.normal(key, a.shape, jnp.float32).astype(a.dtype), cache)
+    x = jax.random.normal(key, (b, 1, cfg.dim), jnp.float32).astype(dtype)
+    pos = jnp.full((b,), t - 1, jnp.int32)
+    cos, sin = rope_angles(cfg, pos[:, None])
+
+    def decode(p, x, cache):
+      h, cache, _ = model.block(p, cfg, opts, x, cache, jnp.int32(0), pos, t, cos, sin, True)
+      return h, cache
+
+    bench(f"decode batch {b}, context {t}: whole layer", decode, (p, x, cache), b)
+
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,81 @@
+"""The dsv32 command line, run as a user runs it: in subprocesses."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from convert.checkpoint import load_checkpoint
+from dsv32_jax import cache as cache_lib
+from dsv32_jax import model
+from dsv32_jax.options import RunOptions
+from tests.conftest import GOLDEN, rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dsv32(*args, ok=True):
+  exe = shutil.which("dsv32")
+  cmd = [exe] if exe else [sys.executable, "-m", "dsv32_jax.cli"]
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, env=env, timeout=600)
+  if ok:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cli")
+  dsv32("init-random", "--preset", "tiny", "--seed", 7, root / "hf")
+  assert (root / "hf" / "model.safetensors.index.json").exists()
+  out = dsv32("convert", root / "hf", root / "ckpt")
+  assert "converted" in out.stdout
+  return root
+
+
+@pytest.mark.slow
+def test_init_random_convert_logits(converted, rng):
+  cfg, params = load_checkpoint(converted / "ckpt")
+  tokens = rng.integers(0, cfg.vocab_size, (2, 45)).astype(np.int32)  # 45 > index_topk = 32
+  np.save(converted / "tokens.npy", tokens)
+  dsv32("logits", converted / "ckpt", "--tokens", converted / "tokens.npy", "--out", converted / "logits.npy",
+        "--dtype", "float32")
+  got = np.load(converted / "logits.npy")
+  assert got.shape == (2, 45, cfg.vocab_size) and got.dtype == np.float32
+  opts = RunOptions(dtype="float32")
+  cache = cache_lib.init_cache(cfg, cfg.n_layers, 2, 45, jnp.float32)
+  hidden, _ = jax.jit(lambda p, t, c: model.forward(p, cfg, opts, t, jnp.zeros(2, jnp.int32), c, kv_len=45))(
+      params, jnp.asarray(tokens), cache)
+  assert rel_err(got, model.logits(params, hidden)) < 1e-5
+
+
+@pytest.mark.slow
+def test_generate_prints_tokens_and_speed(converted):
+  out = dsv32("generate", converted / "ckpt", "--prompt-tokens", ",".join(map(str, range(2, 40))),
+              "--prompt-tokens", "5,6,7", "--max-new-tokens", 5)
+  lines = out.stdout.splitlines()
+  assert lines[0].startswith("sequence 0: ") and len(lines[0].split(": ")[1].split(",")) <= 5
+  assert any(line.startswith("decode:") and "tokens/s" in line for line in lines)
+  bad = dsv32("generate", converted / "ckpt", "--prompt-tokens", "1,99999", ok=False)
+  assert bad.returncode != 0 and "outside the vocabulary" in bad.stderr
+
+
+@pytest.mark.slow
+def test_transformers_checkpoint_through_the_cli(tmp_path):
+  dsv32("convert", f"{GOLDEN}/tiny_b", tmp_path / "ckpt")
+  dsv32("logits", tmp_path / "ckpt", "--tokens", f"{GOLDEN}/tiny_b/tokens.npy", "--out", tmp_path / "l.npy",
+        "--dtype", "float32", "--indexer-quant", "none", "--latent-quant", "none")
+  assert rel_err(np.load(tmp_path / "l.npy"), np.load(f"{GOLDEN}/tiny_b/logits.npy")) < 1e-4
+
+
+def test_clear_errors(tmp_path):
+  out = dsv32("convert", tmp_path / "nothing", tmp_path / "ckpt", ok=False)
+  assert out.returncode != 0 and "nothing: neither model.safetensors.index.json" in out.stderr
+  out = dsv32("logits", tmp_path, "--tokens", "t.npy", "--out", "o.npy", "--indexer-quant", "int4", ok=False)
+  assert out.returncode != 0 and "expected 'fp8' or 'none'" in out.stderr

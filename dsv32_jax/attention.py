@@ -11,6 +11,7 @@ attention exactly and the selection is skipped (the indexer keys are still cache
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -56,6 +57,11 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   The indices are None when kv_len <= index_topk (every visible key is attended).
   """
   b, s, _ = x.shape
+  chex.assert_shape(x, (b, s, cfg.dim))
+  chex.assert_shape(start, (b,))
+  chex.assert_axis_dimension(cache.kv, 1, b)
+  if kv_len > cache.max_len:
+    raise ValueError(f"kv_len = {kv_len} exceeds the cache's {cache.max_len} slots")
   decode = s == 1  # as the official code: one new token takes the absorbed path
   form = opts.decode_attention if decode else opts.prefill_attention
   gather = (opts.decode_selection if decode else opts.prefill_selection) == "gather"

@@ -9,6 +9,7 @@ float32, as the official ``head``.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
@@ -64,6 +65,9 @@ def forward(params: Params, cfg: ModelConfig, opts: RunOptions, tokens: Int[Arra
   bounds the keys attended to: the cache length by default; S for a prefill from position 0.
   """
   kv_len = cache.max_len if kv_len is None else kv_len
+  chex.assert_rank(tokens, 2)
+  chex.assert_shape(start, tokens.shape[:1])
+  chex.assert_axis_dimension(cache.kv, 0, cfg.n_layers)
   positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
   cos, sin = rope_angles(cfg, positions)
   h = embed(params, tokens, opts.jnp_dtype)

@@ -13,6 +13,7 @@ weights are read once, with static shapes and no host sync.
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
@@ -51,6 +52,8 @@ def routed_experts(p: dict, cfg: ModelConfig, x: Float[Array, "n d"], weights: F
                    idx: Int[Array, "n k"], impl: str = "auto") -> Float[Array, "n d"]:
   """sum_k weights[:, k] * expert_{idx[:, k]}(x), in float32, as one grouped matmul per projection."""
   n, k = idx.shape
+  chex.assert_shape(x, (n, cfg.dim))
+  chex.assert_equal_shape([weights, idx])
   flat = idx.reshape(-1)
   order = jnp.argsort(flat, stable=True)              # (token, slot) pairs sorted by expert
   token = order // k

@@ -21,6 +21,7 @@ from dsv32_jax import indexer, mla
 from dsv32_jax.config import ModelConfig
 from dsv32_jax.layers import linear
 from dsv32_jax.options import RunOptions
+from pallas_kernels import dispatch
 
 
 def selection_mask(idx: Int[Array, "b s k"], kv_len: int) -> Bool[Array, "b s t"]:
@@ -89,8 +90,8 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
     visible = key_pos[None, None, :] <= pos[:, :, None]
     idx = None
     if select:
-      logits = indexer.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, visible)
-      idx = indexer.select_topk(logits, cfg.index_topk)
+      logits = dispatch.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, pos, impl=opts.kernels)
+      idx = dispatch.topk(logits, cfg.index_topk, impl=opts.kernels)
       if not gather:
         visible = visible & selection_mask(idx, kv_len)
     if form == "naive":

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from dsv32_jax import indexer as indexer_reference
+
 IMPLS = ("auto", "reference", "pallas")
 
 
@@ -87,3 +89,28 @@ def _ragged_dot_mgpu(x, w, group_sizes):
       x, w, group_sizes=group_sizes.astype(jnp.int32), block_m=c.block_m, block_n=c.block_n,
       block_k=c.block_k, max_concurrent_steps=c.max_concurrent_steps, grid_block_n=c.grid_block_n,
       transpose_rhs=True)
+
+
+def index_logits(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: Float[Array, "b t d"],
+                 k_scale: Float[Array, "b t"], positions: Int[Array, "b s"], impl: str = "auto") -> Float[Array, "b s t"]:
+  """Lightning-indexer logits, -inf where key > position. GPU + e4m3 operands: the Mosaic GPU kernel."""
+  _check_impl(impl)
+  fp8 = q.dtype == jnp.float8_e4m3fn and k.dtype == jnp.float8_e4m3fn
+  kernel_ok = fp8 and q.shape[-1] % 32 == 0 and q.shape[-2] % 8 == 0
+  if impl == "pallas" or (impl == "auto" and on_gpu() and kernel_ok):
+    if not kernel_ok:
+      raise ValueError(f"index_logits(impl='pallas') needs e4m3 q and k (got {q.dtype}, {k.dtype}) with head dim a "
+                       "multiple of 32 and heads a multiple of 8")
+    from pallas_kernels.indexer_logits_mgpu import index_logits_mgpu
+    return index_logits_mgpu(q, w, k, k_scale, positions, interpret=not on_gpu())
+  visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]
+  return indexer_reference.index_logits(q, w, k, k_scale, visible)
+
+
+def topk(logits: Float[Array, "... t"], k: int, impl: str = "auto") -> Int[Array, "... k"]:
+  """Exact top-k indices per row (ties to the lower index; -1 for -inf values)."""
+  _check_impl(impl)
+  if impl == "pallas" or (impl == "auto" and on_gpu()):
+    from pallas_kernels.topk import topk_pruned
+    return topk_pruned(logits, k)
+  return indexer_reference.select_topk(logits, k)

@@ -21,7 +21,7 @@ import numpy as np
 
 from dsv32_jax import indexer, quant
 from pallas_kernels.indexer_logits_mgpu import IndexerLogitsConfig, index_logits_mgpu
-from pallas_kernels.topk import TopkConfig, topk_pruned
+from pallas_kernels.topk_gpu import TopkGpuConfig, topk_gpu
 
 H, D, K = 64, 128, 2048
 ROWS: list[dict] = []
@@ -88,12 +88,14 @@ def main():
   err = float(jnp.linalg.norm(jnp.where(fin, out - ref, 0)) / jnp.linalg.norm(jnp.where(fin, ref, 0)))
   same_mask = bool(jnp.array_equal(jnp.isneginf(out), jnp.isneginf(ref)))
   report("check: kernel vs reference logits", 0.0, rel_err=err, same_mask=str(same_mask))
-  a = np.sort(np.asarray(topk_pruned(ref, K)), -1)
-  r = np.sort(np.asarray(indexer.select_topk(ref, K)), -1)
-  report("check: pruned top-k == lax.top_k sets", 0.0, equal=str(bool((a == r).all())))
+  rows = ref.reshape(-1, ref.shape[-1])
+  a = np.sort(np.asarray(topk_gpu(rows, K)), -1)
+  r = np.sort(np.asarray(indexer.select_topk(rows, K)), -1)
+  report("check: top-k kernel == lax.top_k sets", 0.0, equal=str(bool((a == r).all())))
 
-  configs = {"q8/kv128": IndexerLogitsConfig(8, 128), "q16/kv128": IndexerLogitsConfig(16, 128),
-             "q4/kv128": IndexerLogitsConfig(4, 128), "q8/kv64": IndexerLogitsConfig(8, 64)}
+  configs = {"q4/kv128": IndexerLogitsConfig(4, 128), "q4/kv128 no overlap": IndexerLogitsConfig(4, 128, overlap=False),
+             "q2/kv128": IndexerLogitsConfig(2, 128), "q8/kv128": IndexerLogitsConfig(8, 128),
+             "q4/kv64": IndexerLogitsConfig(4, 64), "q6/kv64": IndexerLogitsConfig(6, 64)}
   for L in args.contexts:
     s = args.chunk
     q8, w, k8, ks = inputs(jax.random.key(L), 1, s, L)
@@ -113,18 +115,21 @@ def main():
     xpos = pos[:, -xq:]
     t = bench(jax.jit(xla_logits), q8[:, -xq:], w[:, -xq:], k8, ks, xpos, iters=3)
     report(f"XLA einsum logits, {xq} queries at the end of {L}", t, TFLOPs=causal_flops(xpos) / t / 1e12)
-    logits = jnp.where(jnp.arange(L)[None, None] <= pos[..., None],
-                       jax.random.normal(jax.random.key(1), (1, s, L), jnp.float32), -jnp.inf)
+    logits = jnp.where(jnp.arange(L)[None] <= pos[0, :, None],
+                       jax.random.normal(jax.random.key(1), (s, L), jnp.float32), -jnp.inf)
     t_lax = bench(jax.jit(lambda x: jax.lax.top_k(x, K)[1]), logits, iters=3)
     report(f"lax.top_k k=2048, {s} rows x {L}", t_lax)
-    for g in (8, 16, 32):
-      t = bench(jax.jit(lambda x, g=g: topk_pruned(x, K, TopkConfig(g))), logits, iters=5)
-      report(f"pruned top-k (segment {g}), {s} rows x {L}", t, speedup=t_lax / t)
+    for g in (8, 16):
+      for warps in (4, 8):
+        cfg = TopkGpuConfig(segment=g, num_warps=warps)
+        t = bench(jax.jit(lambda x, cfg=cfg: topk_gpu(x, K, cfg)), logits, iters=5)
+        report(f"top-k kernel (segment {g}, {warps} warps), {s} rows x {L}", t, speedup=t_lax / t)
 
   # The whole selection of one layer of a 128K prefill: 64 chunks of 2048 queries.
   L, s = 131072, args.chunk
   q8, w, k8, ks = inputs(jax.random.key(7), 1, s, L)
-  select = jax.jit(lambda q, w, k, ks, pos: topk_pruned(index_logits_mgpu(q, w, k, ks, pos), K))
+  best_cfg = IndexerLogitsConfig(4, 128)
+  select = jax.jit(lambda q, w, k, ks, pos: topk_gpu(index_logits_mgpu(q, w, k, ks, pos, best_cfg)[0], K))
   jax.block_until_ready(select(q8, w, k8, ks, jnp.zeros((1, s), jnp.int32)))
   t0 = time.perf_counter()
   for c in range(L // s):
@@ -137,7 +142,7 @@ def main():
     q8, w, k8, ks = inputs(jax.random.key(b), b, 1, L)
     pos = jnp.full((b, 1), L - 1, jnp.int32)
     t_logits = bench(jax.jit(index_logits_mgpu), q8, w, k8, ks, pos)
-    step = jax.jit(lambda q, w, k, ks, pos: topk_pruned(index_logits_mgpu(q, w, k, ks, pos), K))
+    step = jax.jit(lambda q, w, k, ks, pos: topk_gpu(index_logits_mgpu(q, w, k, ks, pos)[:, 0], K))
     t = bench(step, q8, w, k8, ks, pos)
     cache_bytes = b * L * (D + 4)
     report(f"decode logits, batch {b}, 128K cache", t_logits, HBM_share=cache_bytes / t_logits / hbm)

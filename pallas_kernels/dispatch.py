@@ -108,9 +108,10 @@ def index_logits(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: Float[
 
 
 def topk(logits: Float[Array, "... t"], k: int, impl: str = "auto") -> Int[Array, "... k"]:
-  """Exact top-k indices per row (ties to the lower index; -1 for -inf values)."""
+  """Exact top-k indices per row (ties to the lower index; -1 for -inf values). GPU: threshold + compaction."""
   _check_impl(impl)
   if impl == "pallas" or (impl == "auto" and on_gpu()):
-    from pallas_kernels.topk import topk_pruned
-    return topk_pruned(logits, k)
+    from pallas_kernels.topk_gpu import topk_gpu
+    rows = logits.reshape(-1, logits.shape[-1])
+    return topk_gpu(rows, k, interpret=not on_gpu()).reshape(*logits.shape[:-1], k)
   return indexer_reference.select_topk(logits, k)

@@ -43,6 +43,7 @@ class IndexerLogitsConfig:
   block_kv: int = 128           # keys per tile (the wgmma M dimension; a multiple of 64)
   kv_splits: int | None = None  # CTAs per query block along the keys; None: enough to fill the GPU
   max_concurrent_steps: int = 3  # depth of the key-tile TMA pipeline
+  overlap: bool = True          # queries in pairs: the second one's wgmma runs during the first's epilogue
 
   def __post_init__(self):
     if self.block_kv % 64:
@@ -110,15 +111,22 @@ def index_logits_mgpu(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: F
       plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copy out of this slot two tiles ago is done
       key_ids = tile * bkv + plgpu.broadcasted_iota(jnp.int32, (bkv,), 0)
       k_scales = ks_smem[...]
-      for i in range(bq):  # one wgmma per query: acc[keys, heads] = k8 @ q8[i]^T
-        def mma(acc_ref, i=i):
-          plgpu.wgmma(acc_ref, k_smem, q_smem.at[i].T)
-          return acc_ref[...]
-        acc = pl.run_scoped(mma, plgpu.ACC((bkv, h), jnp.float32))
+      def epilogue(acc, i):
         weights = w_smem[i]
         scores = jnp.maximum(acc, 0.0) * lax.broadcast_in_dim(weights, (bkv, h), [1])
         row = jnp.sum(scores, axis=1) * k_scales
         o_smem[slot, i] = jnp.where(key_ids <= pos_gmem[bi, q0 + i], row, -jnp.inf)
+
+      def query_group(first_query, acc_refs):  # one wgmma per query: acc[keys, heads] = k8 @ q8[i]^T
+        for j, ref in enumerate(acc_refs):
+          plgpu.wgmma(ref, k_smem, q_smem.at[first_query + j].T)
+        for j, ref in enumerate(acc_refs):  # the epilogue of query j overlaps the wgmma of query j+1
+          epilogue(plgpu.wgmma_accumulator_load(ref, wait_n=len(acc_refs) - 1 - j), first_query + j)
+
+      group = 2 if config.overlap else 1
+      for first_query in range(0, bq, group):
+        n = min(group, bq - first_query)
+        pl.run_scoped(functools.partial(query_group, first_query), [plgpu.ACC((bkv, h), jnp.float32)] * n)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem.at[slot], out_gmem.at[bi, pl.ds(q0, bq), pl.ds(tile * bkv, bkv)])
 
@@ -136,12 +144,12 @@ def index_logits_mgpu(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: F
       )(k_gmem.at[bi], ks_gmem.at[bi])
 
     # Tiles no query of this block can see: -inf, without loading their keys.
-    fill_smem[...] = jnp.full((bq, bkv), -jnp.inf, jnp.float32)
+    fill_smem[...] = jnp.full(fill_smem.shape, -jnp.inf, jnp.float32)
     plgpu.commit_smem()
 
     @pl.loop(compute_end, last)
     def _fill(tile):
-      plgpu.copy_smem_to_gmem(fill_smem, out_gmem.at[bi, pl.ds(q0, bq), pl.ds(tile * bkv, bkv)])
+      plgpu.copy_smem_to_gmem(fill_smem.at[pl.ds(0, bq)], out_gmem.at[bi, pl.ds(q0, bq), pl.ds(tile * bkv, bkv)])
     plgpu.wait_smem_to_gmem(0)
 
   qd_transforms = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
@@ -152,7 +160,7 @@ def index_logits_mgpu(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: F
           plgpu.SMEM((bq, h, d), FP8, transforms=qd_transforms),
           plgpu.SMEM((bq, h), jnp.float32),
           plgpu.SMEM((2, bq, bkv), jnp.float32),
-          plgpu.SMEM((bq, bkv), jnp.float32),
+          plgpu.SMEM((bq + bq % 2, bkv), jnp.float32),  # a constant store needs a multiple of 128 values
           plgpu.Barrier(num_arrivals=2),
       ],
       grid=(b, n_q_blocks, splits),

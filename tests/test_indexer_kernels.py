@@ -8,7 +8,7 @@ import pytest
 from dsv32_jax import indexer, quant
 from pallas_kernels import dispatch
 from pallas_kernels.indexer_logits_mgpu import IndexerLogitsConfig, index_logits_mgpu
-from pallas_kernels.topk import TopkConfig, topk_pruned
+from pallas_kernels.topk_gpu import TopkGpuConfig, ordered_key, topk_candidates_kernel, topk_gpu
 from tests.conftest import rel_err
 
 
@@ -19,13 +19,13 @@ def indexer_inputs(rng, b, s, t, h=64, d=128):
   return q8, w, k8, ks[..., 0]
 
 
-def check_logits(out, q8, w, k8, ks, positions):
+def check_logits(out, q8, w, k8, ks, positions, tolerance=1e-6):
   visible = jnp.arange(k8.shape[1])[None, None, :] <= positions[:, :, None]
   ref = np.asarray(indexer.index_logits(q8, w, k8, ks, visible))
   out = np.asarray(out)
   np.testing.assert_array_equal(np.isneginf(out), np.isneginf(ref))
   finite = np.isfinite(ref)
-  assert rel_err(out[finite], ref[finite]) < 1e-6
+  assert rel_err(out[finite], ref[finite]) < tolerance
 
 
 @pytest.mark.parametrize("b, s, t, config, positions", [
@@ -58,21 +58,36 @@ def test_logits_kernel_rejects_unquantised_operands(rng):
     index_logits_mgpu(q8.astype(jnp.bfloat16), w, k8, ks, jnp.zeros((1, 2), jnp.int32))
 
 
-def ties_and_gaps(rng, shape):
-  x = np.round(rng.standard_normal(shape) * 3).astype(np.float32)  # many exact ties
-  x[..., -37:] = -np.inf                                           # masked keys
-  return x
+def test_ordered_keys_follow_the_float_order():
+  x = jnp.asarray([-jnp.inf, -3e38, -1.0, -1e-38, -0.0, 0.0, 1e-38, 1.0, 3e38, jnp.inf], jnp.float32)
+  assert (np.diff(np.asarray(ordered_key(x)).astype(np.int64)) > 0).all()
 
 
-@pytest.mark.parametrize("shape, k, segment", [((3, 4, 1000), 16, 4), ((2, 5000), 64, 8), ((2, 70), 64, 8),
-                                               ((1, 3000), 100, 16)])
-def test_pruned_topk_equals_the_reference(rng, shape, k, segment):
-  x = ties_and_gaps(rng, shape)
-  x[0, ..., 5:] = -np.inf  # a row with fewer than k finite values
-  got = np.asarray(topk_pruned(jnp.asarray(x), k, TopkConfig(segment))).reshape(-1, k)
-  ref = np.asarray(indexer.select_topk(jnp.asarray(x), k)).reshape(-1, k)
-  for g, r in zip(got, ref):
+@pytest.mark.parametrize("rows, t, k, segment, ties", [(3, 1024, 16, 8, False), (2, 2048, 16, 8, True),
+                                                       (2, 4096, 64, 4, True), (1, 640, 16, 8, False)])
+def test_topk_kernel_equals_the_reference_in_interpret_mode(rng, rows, t, k, segment, ties):
+  """Exact sets (ties to the lower index), -1 for rows with fewer than k finite values, without fallback."""
+  x = rng.standard_normal((rows, t)).astype(np.float32)
+  if ties:
+    x = np.round(x * 2) / 2
+  x[0, 20:] = -np.inf              # a short row (k <= 20 < segment * k)
+  x[-1, -100:] = -np.inf           # masked keys at the end
+  config = TopkGpuConfig(segment=segment, block=256)
+  got, overflow = topk_candidates_kernel(jnp.asarray(x), k, config, interpret=True)
+  assert not np.asarray(overflow).any()
+  ref = np.asarray(indexer.select_topk(jnp.asarray(x), k))
+  for g, r in zip(np.asarray(got), ref):
     assert sorted(g.tolist()) == sorted(r.tolist())
+
+
+def test_topk_falls_back_when_maxima_tie(rng):
+  """More than k segment maxima tied at the threshold overflow the candidate buffer: still exact."""
+  x = np.zeros((1, 1024), np.float32)
+  x[0, rng.choice(1024, 5, replace=False)] = 1.0
+  config = TopkGpuConfig(segment=4, block=256)
+  assert np.asarray(topk_candidates_kernel(jnp.asarray(x), 16, config, interpret=True)[1]).all()
+  got = np.asarray(topk_gpu(jnp.asarray(x), 16, TopkGpuConfig(segment=4, block=256), interpret=True))
+  assert sorted(got[0].tolist()) == sorted(np.asarray(indexer.select_topk(jnp.asarray(x), 16))[0].tolist())
 
 
 def test_dispatch_reference_and_forced_kernel_agree(rng):
@@ -92,4 +107,16 @@ def test_dispatch_reference_and_forced_kernel_agree(rng):
 def test_logits_kernel_on_gpu(rng, s, t):
   q8, w, k8, ks = indexer_inputs(rng, 2, s, t)
   positions = jnp.asarray(t - s + np.arange(s)[None, :] - np.array([[0], [t // 3]]), jnp.int32)
-  check_logits(index_logits_mgpu(q8, w, k8, ks, positions), q8, w, k8, ks, positions)
+  # Hopper's FP8 tensor cores accumulate with fewer bits than float32 (DeepSeek-V3 report, 3.3.2):
+  # about 1e-4 relative against the float32 reference (measured 1.3e-4 on an H100).
+  check_logits(index_logits_mgpu(q8, w, k8, ks, positions), q8, w, k8, ks, positions, tolerance=1e-3)
+
+
+@pytest.mark.gpu
+def test_topk_kernel_on_gpu(rng):
+  x = np.round(rng.standard_normal((64, 20480)) * 8).astype(np.float32)  # ties
+  x[:8, 3000:] = -np.inf
+  got = np.asarray(topk_gpu(jnp.asarray(x), 2048))
+  ref = np.asarray(indexer.select_topk(jnp.asarray(x), 2048))
+  for g, r in zip(got, ref):
+    assert sorted(g.tolist()) == sorted(r.tolist())

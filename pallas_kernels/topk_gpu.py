@@ -1,0 +1,143 @@
+"""Exact top-k of long rows on GPU: threshold search and stream compaction, one program per row.
+
+Written with Pallas's Triton lowering, not Mosaic GPU: stream compaction needs a scatter of each
+kept element to a run-time offset (a prefix sum of the keep mask), and Mosaic GPU's Pallas front end
+has no per-element scatter into shared or global memory in its warpgroup array model; Triton has
+masked scatter stores and block prefix sums.
+
+Per row (``jax.lax.top_k`` sorts the whole row, 19 ms for 2048 x 131072 on an H100):
+
+  0. (XLA) the maximum of each segment of ``segment`` values;
+  1. tau = the k-th largest segment maximum, by bisection on order-preserving int32 keys. At least k
+     values are >= tau, and every value of the row's top k is (a value above the k-th largest v lies
+     in a segment whose maximum is above v; fewer than k such segments exist);
+  2. one pass over the row keeps the finite values >= tau, in index order, as candidates (at most
+     k * segment unless more than k segment maxima tie at tau; then the whole batch falls back to
+     ``lax.top_k``, so the result is exact for every input);
+  3. v = the k-th largest candidate (bisection again), then every candidate above v and the
+     lowest-indexed candidates equal to v until k are chosen, written in index order; slots left
+     over (a row with fewer than k finite values) hold -1.
+
+The result equals ``dsv32_jax.indexer.select_topk``: the same set, ties to the lower index, and -1
+for slots whose value is -inf (fewer than k visible keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+from jaxtyping import Array, Float, Int
+
+from dsv32_jax.indexer import select_topk as reference
+
+INT32_MIN = -(2 ** 31)
+INT32_MAX = 2 ** 31 - 1
+NEG_INF_KEY = -(2 ** 31) + 0x7FFFFF  # ordered_key(-inf): bits 0xFF800000 ^ 0x7FFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class TopkGpuConfig:
+  segment: int = 8        # values per segment in step 0
+  block: int = 2048       # values per step of the compaction pass
+  num_warps: int = 8
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+def ordered_key(x: Float[Array, "..."]) -> Int[Array, "..."]:
+  """int32 keys in the order of the float32 values (-0.0 < +0.0; -inf smallest)."""
+  bits = lax.bitcast_convert_type(x, jnp.int32)
+  return bits ^ ((bits >> 31) & INT32_MAX)
+
+
+def _kth_largest_key(keys: Int[Array, "n"], k: int) -> Int[Array, ""]:
+  """The largest key t with count(keys >= t) >= k: the k-th largest key.
+
+  Built bit by bit from the most significant bit of the unsigned key order (u = key ^ INT32_MIN), so
+  no bound ever overflows: 32 counting passes over the keys.
+  """
+  answer_u = jnp.int32(0)
+  for bit in range(31, -1, -1):
+    candidate_u = answer_u | jnp.int32(INT32_MIN if bit == 31 else 1 << bit)
+    enough = jnp.sum((keys >= (candidate_u ^ INT32_MIN)).astype(jnp.int32)) >= k
+    answer_u = jnp.where(enough, candidate_u, answer_u)
+  return answer_u ^ INT32_MIN
+
+
+def topk_gpu(logits: Float[Array, "r t"], k: int, config: TopkGpuConfig = TopkGpuConfig(),
+             interpret: bool = False) -> Int[Array, "r k"]:
+  """Indices of the k largest values of each row (ties to the lower index), -1 where the value is -inf."""
+  if logits.shape[1] <= k * config.segment:
+    return reference(logits, k)
+  idx, overflow = topk_candidates_kernel(logits, k, config, interpret)
+  return lax.cond(jnp.any(overflow > 0), lambda: reference(logits, k), lambda: idx)
+
+
+def topk_candidates_kernel(logits: Float[Array, "r t"], k: int, config: TopkGpuConfig, interpret: bool = False
+                           ) -> tuple[Int[Array, "r k"], Int[Array, "r"]]:
+  """The kernel alone: (indices, overflow flag per row); a flagged row's indices are not valid."""
+  r, t = logits.shape
+  g = config.segment
+  n_seg = _next_pow2(-(-t // g))
+  capacity = _next_pow2(k * g)
+  k_pow2 = _next_pow2(k)
+  block = min(config.block, t & -t)  # a power of two dividing t: every block is whole
+  n_blocks = t // block
+  padded = jnp.pad(logits, ((0, 0), (0, n_seg * g - t)), constant_values=-jnp.inf)
+  maxima = padded.reshape(r, n_seg, g).max(axis=-1)
+
+  # SPARE: masked-off lanes of a scatter get distinct destinations past the live region. Hardware
+  # skips them; interpret mode writes their old values back, which must not land on live slots.
+  def kernel(maxima_ref, logits_ref, idx_ref, overflow_ref, cand_val_ref, cand_idx_ref):
+    row = pl.program_id(0)
+    tau = _kth_largest_key(ordered_key(maxima_ref[row, :]), k)
+
+    def compact(b, count):  # candidates >= tau, in index order
+      offs = b * block + jnp.arange(block, dtype=jnp.int32)
+      vals = logits_ref[row, pl.ds(b * block, block)]
+      keys = ordered_key(vals)
+      keep = (keys >= tau) & (keys > NEG_INF_KEY)  # -inf keys are never chosen: their slots stay -1
+      dest = count + jnp.cumsum(keep.astype(jnp.int32)) - 1
+      ok = keep & (dest < capacity)
+      dest = jnp.where(ok, dest, capacity + jnp.arange(block, dtype=jnp.int32))  # see SPARE below
+      pltriton.store(cand_val_ref.at[row, dest], vals, mask=ok)
+      pltriton.store(cand_idx_ref.at[row, dest], offs, mask=ok)
+      return count + jnp.sum(keep.astype(jnp.int32))
+
+    count = lax.fori_loop(0, n_blocks, compact, jnp.int32(0))
+    overflow_ref[row] = (count > capacity).astype(jnp.int32)
+
+    out_slot = jnp.arange(k_pow2, dtype=jnp.int32)
+    pltriton.store(idx_ref.at[row, out_slot], jnp.full((k_pow2,), -1, jnp.int32), mask=out_slot < k)
+
+    slot = jnp.arange(capacity, dtype=jnp.int32)
+    used = slot < jnp.minimum(count, capacity)
+    keys = jnp.where(used, ordered_key(pltriton.load(cand_val_ref.at[row, pl.ds(0, capacity)], mask=used, other=-jnp.inf)),
+                     INT32_MIN)
+    cand_idx = pltriton.load(cand_idx_ref.at[row, pl.ds(0, capacity)], mask=used, other=-1)
+    v = _kth_largest_key(keys, k)
+    above = used & (keys > v)
+    tied = used & (keys == v)
+    room = k - jnp.sum(above.astype(jnp.int32))
+    chosen = above | (tied & (jnp.cumsum(tied.astype(jnp.int32)) <= room))
+    dest = jnp.where(chosen, jnp.cumsum(chosen.astype(jnp.int32)) - 1, k_pow2 + slot)
+    pltriton.store(idx_ref.at[row, dest], cand_idx, mask=chosen)
+
+  idx, overflow = pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct((r, k_pow2 + capacity), jnp.int32), jax.ShapeDtypeStruct((r,), jnp.int32),
+                 jax.ShapeDtypeStruct((r, capacity + block), jnp.float32),
+                 jax.ShapeDtypeStruct((r, capacity + block), jnp.int32)),
+      grid=(r,),
+      compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=1),
+      interpret=interpret,
+  )(maxima, logits)[:2]
+  return idx[:, :k], overflow

@@ -93,9 +93,8 @@ def main():
   r = np.sort(np.asarray(indexer.select_topk(rows, K)), -1)
   report("check: top-k kernel == lax.top_k sets", 0.0, equal=str(bool((a == r).all())))
 
-  configs = {"q4/kv128": IndexerLogitsConfig(4, 128), "q4/kv128 no overlap": IndexerLogitsConfig(4, 128, overlap=False),
-             "q2/kv128": IndexerLogitsConfig(2, 128), "q8/kv128": IndexerLogitsConfig(8, 128),
-             "q4/kv64": IndexerLogitsConfig(4, 64), "q6/kv64": IndexerLogitsConfig(6, 64)}
+  configs = {"q2/kv128": IndexerLogitsConfig(2, 128), "q4/kv128": IndexerLogitsConfig(4, 128),
+             "q2/kv128 no overlap": IndexerLogitsConfig(2, 128, overlap=False)}
   for L in args.contexts:
     s = args.chunk
     q8, w, k8, ks = inputs(jax.random.key(L), 1, s, L)
@@ -119,16 +118,16 @@ def main():
                        jax.random.normal(jax.random.key(1), (s, L), jnp.float32), -jnp.inf)
     t_lax = bench(jax.jit(lambda x: jax.lax.top_k(x, K)[1]), logits, iters=3)
     report(f"lax.top_k k=2048, {s} rows x {L}", t_lax)
-    for g in (8, 16):
-      for warps in (4, 8):
-        cfg = TopkGpuConfig(segment=g, num_warps=warps)
+    for warps in (4, 8):
+      for block in (2048, 4096):
+        cfg = TopkGpuConfig(num_warps=warps, block=block)
         t = bench(jax.jit(lambda x, cfg=cfg: topk_gpu(x, K, cfg)), logits, iters=5)
-        report(f"top-k kernel (segment {g}, {warps} warps), {s} rows x {L}", t, speedup=t_lax / t)
+        report(f"top-k kernel ({warps} warps, block {block}), {s} rows x {L}", t, speedup=t_lax / t)
 
   # The whole selection of one layer of a 128K prefill: 64 chunks of 2048 queries.
   L, s = 131072, args.chunk
   q8, w, k8, ks = inputs(jax.random.key(7), 1, s, L)
-  best_cfg = IndexerLogitsConfig(4, 128)
+  best_cfg = IndexerLogitsConfig(2, 128)
   select = jax.jit(lambda q, w, k, ks, pos: topk_gpu(index_logits_mgpu(q, w, k, ks, pos, best_cfg)[0], K))
   jax.block_until_ready(select(q8, w, k8, ks, jnp.zeros((1, s), jnp.int32)))
   t0 = time.perf_counter()

@@ -11,9 +11,9 @@ Per row (``jax.lax.top_k`` sorts the whole row, 19 ms for 2048 x 131072 on an H1
   1. tau = the k-th largest segment maximum, by bisection on order-preserving int32 keys. At least k
      values are >= tau, and every value of the row's top k is (a value above the k-th largest v lies
      in a segment whose maximum is above v; fewer than k such segments exist);
-  2. one pass over the row keeps the finite values >= tau, in index order, as candidates (at most
-     k * segment unless more than k segment maxima tie at tau; then the whole batch falls back to
-     ``lax.top_k``, so the result is exact for every input);
+  2. one pass over the row keeps the finite values >= tau, in index order, as candidates (random
+     rows keep ~1.13k; a row with more than the capacity -- at worst k * segment, or more when segment
+     maxima tie at tau -- makes the whole batch fall back to ``lax.top_k``: exact for every input);
   3. v = the k-th largest candidate (bisection again), then every candidate above v and the
      lowest-indexed candidates equal to v until k are chosen, written in index order; slots left
      over (a row with fewer than k finite values) hold -1.
@@ -43,9 +43,20 @@ NEG_INF_KEY = -(2 ** 31) + 0x7FFFFF  # ordered_key(-inf): bits 0xFF800000 ^ 0x7F
 
 @dataclasses.dataclass(frozen=True)
 class TopkGpuConfig:
-  segment: int = 8        # values per segment in step 0
-  block: int = 2048       # values per step of the compaction pass
-  num_warps: int = 8
+  segment: int | None = None    # values per segment in step 0; None: the largest power of two leaving
+                                # at least 4k segments (8K maxima at T = 128K, k = 2048)
+  capacity: int | None = None   # candidates kept per row; None: 2k (random rows keep ~1.13k at
+                                # T = 32K-128K); a row with more makes the batch fall back, exactly
+  block: int = 2048             # values per step of the compaction pass
+  num_warps: int = 4
+
+  def segment_for(self, t: int, k: int) -> int:
+    if self.segment is not None:
+      return self.segment
+    g = 1
+    while t // (2 * g) >= 4 * k:
+      g *= 2
+    return g
 
 
 def _next_pow2(n: int) -> int:
@@ -75,8 +86,8 @@ def _kth_largest_key(keys: Int[Array, "n"], k: int) -> Int[Array, ""]:
 def topk_gpu(logits: Float[Array, "r t"], k: int, config: TopkGpuConfig = TopkGpuConfig(),
              interpret: bool = False) -> Int[Array, "r k"]:
   """Indices of the k largest values of each row (ties to the lower index), -1 where the value is -inf."""
-  if logits.shape[1] <= k * config.segment:
-    return reference(logits, k)
+  if logits.shape[1] <= 2 * k * config.segment_for(logits.shape[1], k):
+    return reference(logits, k)  # short rows: pruning saves nothing
   idx, overflow = topk_candidates_kernel(logits, k, config, interpret)
   return lax.cond(jnp.any(overflow > 0), lambda: reference(logits, k), lambda: idx)
 
@@ -85,9 +96,9 @@ def topk_candidates_kernel(logits: Float[Array, "r t"], k: int, config: TopkGpuC
                            ) -> tuple[Int[Array, "r k"], Int[Array, "r"]]:
   """The kernel alone: (indices, overflow flag per row); a flagged row's indices are not valid."""
   r, t = logits.shape
-  g = config.segment
+  g = config.segment_for(t, k)
   n_seg = _next_pow2(-(-t // g))
-  capacity = _next_pow2(k * g)
+  capacity = _next_pow2(config.capacity or 2 * k)
   k_pow2 = _next_pow2(k)
   block = min(config.block, t & -t)  # a power of two dividing t: every block is whole
   n_blocks = t // block

@@ -89,12 +89,11 @@ def main():
   same_mask = bool(jnp.array_equal(jnp.isneginf(out), jnp.isneginf(ref)))
   report("check: kernel vs reference logits", 0.0, rel_err=err, same_mask=str(same_mask))
   rows = ref.reshape(-1, ref.shape[-1])
-  a = np.sort(np.asarray(topk_gpu(rows, K)), -1)
+  a = np.sort(np.asarray(topk_gpu(rows, K, (pos + 1).reshape(-1))), -1)
   r = np.sort(np.asarray(indexer.select_topk(rows, K)), -1)
   report("check: top-k kernel == lax.top_k sets", 0.0, equal=str(bool((a == r).all())))
 
-  configs = {"q2/kv128": IndexerLogitsConfig(2, 128), "q4/kv128": IndexerLogitsConfig(4, 128),
-             "q2/kv128 no overlap": IndexerLogitsConfig(2, 128, overlap=False)}
+  configs = {"q2/kv128": IndexerLogitsConfig(2, 128), "q4/kv128": IndexerLogitsConfig(4, 128)}
   for L in args.contexts:
     s = args.chunk
     q8, w, k8, ks = inputs(jax.random.key(L), 1, s, L)
@@ -119,16 +118,18 @@ def main():
     t_lax = bench(jax.jit(lambda x: jax.lax.top_k(x, K)[1]), logits, iters=3)
     report(f"lax.top_k k=2048, {s} rows x {L}", t_lax)
     for warps in (4, 8):
-      for block in (2048, 4096):
-        cfg = TopkGpuConfig(num_warps=warps, block=block)
-        t = bench(jax.jit(lambda x, cfg=cfg: topk_gpu(x, K, cfg)), logits, iters=5)
-        report(f"top-k kernel ({warps} warps, block {block}), {s} rows x {L}", t, speedup=t_lax / t)
+      cfg = TopkGpuConfig(num_warps=warps)
+      t = bench(jax.jit(lambda x, n, cfg=cfg: topk_gpu(x, K, n, cfg)), logits, pos[0] + 1, iters=5)
+      report(f"top-k kernel ({warps} warps), {s} causal rows x {L}", t, speedup=t_lax / t)
+    full = jax.random.normal(jax.random.key(2), (s, L), jnp.float32)
+    t = bench(jax.jit(lambda x: topk_gpu(x, K)), full, iters=5)
+    report(f"top-k kernel, {s} full rows x {L}", t)
 
   # The whole selection of one layer of a 128K prefill: 64 chunks of 2048 queries.
   L, s = 131072, args.chunk
   q8, w, k8, ks = inputs(jax.random.key(7), 1, s, L)
   best_cfg = IndexerLogitsConfig(2, 128)
-  select = jax.jit(lambda q, w, k, ks, pos: topk_gpu(index_logits_mgpu(q, w, k, ks, pos, best_cfg)[0], K))
+  select = jax.jit(lambda q, w, k, ks, pos: topk_gpu(index_logits_mgpu(q, w, k, ks, pos, best_cfg)[0], K, pos[0] + 1))
   jax.block_until_ready(select(q8, w, k8, ks, jnp.zeros((1, s), jnp.int32)))
   t0 = time.perf_counter()
   for c in range(L // s):
@@ -141,7 +142,7 @@ def main():
     q8, w, k8, ks = inputs(jax.random.key(b), b, 1, L)
     pos = jnp.full((b, 1), L - 1, jnp.int32)
     t_logits = bench(jax.jit(index_logits_mgpu), q8, w, k8, ks, pos)
-    step = jax.jit(lambda q, w, k, ks, pos: topk_gpu(index_logits_mgpu(q, w, k, ks, pos)[:, 0], K))
+    step = jax.jit(lambda q, w, k, ks, pos: topk_gpu(index_logits_mgpu(q, w, k, ks, pos)[:, 0], K, pos[:, 0] + 1))
     t = bench(step, q8, w, k8, ks, pos)
     cache_bytes = b * L * (D + 4)
     report(f"decode logits, batch {b}, 128K cache", t_logits, HBM_share=cache_bytes / t_logits / hbm)

@@ -91,7 +91,7 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
     idx = None
     if select:
       logits = dispatch.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, pos, impl=opts.kernels)
-      idx = dispatch.topk(logits, cfg.index_topk, impl=opts.kernels)
+      idx = dispatch.topk(logits, cfg.index_topk, lengths=jnp.minimum(pos + 1, kv_len), impl=opts.kernels)
       if not gather:
         visible = visible & selection_mask(idx, kv_len)
     if form == "naive":

@@ -23,7 +23,7 @@ from dsv32_jax.options import RunOptions
 from dsv32_jax.params import Params
 from dsv32_jax.sampling import SamplingParams, sample
 
-CACHE_ALIGN = 64   # cache lengths are rounded up to this, and
+CACHE_ALIGN = 256  # cache lengths are rounded up to this (whole top-k kernel blocks), and
 PROMPT_ALIGN = 64  # padded prompt lengths too, so that nearby requests share compiled code
 
 

@@ -107,11 +107,17 @@ def index_logits(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: Float[
   return indexer_reference.index_logits(q, w, k, k_scale, visible)
 
 
-def topk(logits: Float[Array, "... t"], k: int, impl: str = "auto") -> Int[Array, "... k"]:
-  """Exact top-k indices per row (ties to the lower index; -1 for -inf values). GPU: threshold + compaction."""
+def topk(logits: Float[Array, "... t"], k: int, lengths: Int[Array, "..."] | None = None,
+         impl: str = "auto") -> Int[Array, "... k"]:
+  """Exact top-k indices per row (ties to the lower index; -1 for -inf values). GPU: threshold + compaction.
+
+  lengths (optional): each row's values from lengths on are -inf (causal and decode rows), which the
+  GPU kernel then never reads.
+  """
   _check_impl(impl)
   if impl == "pallas" or (impl == "auto" and on_gpu()):
     from pallas_kernels.topk_gpu import topk_gpu
     rows = logits.reshape(-1, logits.shape[-1])
-    return topk_gpu(rows, k, interpret=not on_gpu()).reshape(*logits.shape[:-1], k)
+    row_lengths = None if lengths is None else lengths.reshape(-1)
+    return topk_gpu(rows, k, row_lengths, interpret=not on_gpu()).reshape(*logits.shape[:-1], k)
   return indexer_reference.select_topk(logits, k)

@@ -7,7 +7,8 @@ masked scatter stores and block prefix sums.
 
 Per row (``jax.lax.top_k`` sorts the whole row, 19 ms for 2048 x 131072 on an H100):
 
-  0. (XLA) the maximum of each segment of ``segment`` values;
+  0. the maximum of each segment of g values of the row's visible prefix, g per row: the largest
+     power of two leaving at least 4k segments (g = 1 below 8k visible values, 16 at 128K, k = 2048);
   1. tau = the k-th largest segment maximum, by bisection on order-preserving int32 keys. At least k
      values are >= tau, and every value of the row's top k is (a value above the k-th largest v lies
      in a segment whose maximum is above v; fewer than k such segments exist);
@@ -25,7 +26,6 @@ for slots whose value is -inf (fewer than k visible keys).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -43,20 +43,14 @@ NEG_INF_KEY = -(2 ** 31) + 0x7FFFFF  # ordered_key(-inf): bits 0xFF800000 ^ 0x7F
 
 @dataclasses.dataclass(frozen=True)
 class TopkGpuConfig:
-  segment: int | None = None    # values per segment in step 0; None: the largest power of two leaving
-                                # at least 4k segments (8K maxima at T = 128K, k = 2048)
-  capacity: int | None = None   # candidates kept per row; None: 2k (random rows keep ~1.13k at
-                                # T = 32K-128K); a row with more makes the batch fall back, exactly
-  block: int = 2048             # values per step of the compaction pass
-  num_warps: int = 4
+  capacity: int | None = None   # candidates kept per row; None: 2k (random rows keep ~1.13k); a row with
+                                # more makes the batch fall back to lax.top_k, exactly
+  block: int = 2048             # values per step of each pass over a row
+  num_warps: int = 8
 
-  def segment_for(self, t: int, k: int) -> int:
-    if self.segment is not None:
-      return self.segment
-    g = 1
-    while t // (2 * g) >= 4 * k:
-      g *= 2
-    return g
+
+SEGMENTS = (1, 2, 4, 8, 16, 32, 64)  # per-row segment sizes: the largest leaving >= 4k maxima
+ROW_ALIGN = 256                      # rows are padded to a multiple of this (blocks >= the largest segment)
 
 
 def _next_pow2(n: int) -> int:
@@ -69,56 +63,97 @@ def ordered_key(x: Float[Array, "..."]) -> Int[Array, "..."]:
   return bits ^ ((bits >> 31) & INT32_MAX)
 
 
-def _kth_largest_key(keys: Int[Array, "n"], k: int) -> Int[Array, ""]:
+def _kth_largest_key(count_at_least, k: int) -> Int[Array, ""]:
   """The largest key t with count(keys >= t) >= k: the k-th largest key.
 
   Built bit by bit from the most significant bit of the unsigned key order (u = key ^ INT32_MIN), so
-  no bound ever overflows: 32 counting passes over the keys.
+  no bound ever overflows: 32 counting passes (``count_at_least(t)`` counts the keys >= t).
   """
   answer_u = jnp.int32(0)
   for bit in range(31, -1, -1):
     candidate_u = answer_u | jnp.int32(INT32_MIN if bit == 31 else 1 << bit)
-    enough = jnp.sum((keys >= (candidate_u ^ INT32_MIN)).astype(jnp.int32)) >= k
-    answer_u = jnp.where(enough, candidate_u, answer_u)
+    answer_u = jnp.where(count_at_least(candidate_u ^ INT32_MIN) >= k, candidate_u, answer_u)
   return answer_u ^ INT32_MIN
 
 
-def topk_gpu(logits: Float[Array, "r t"], k: int, config: TopkGpuConfig = TopkGpuConfig(),
-             interpret: bool = False) -> Int[Array, "r k"]:
-  """Indices of the k largest values of each row (ties to the lower index), -1 where the value is -inf."""
-  if logits.shape[1] <= 2 * k * config.segment_for(logits.shape[1], k):
+def segment_log2(lengths: Int[Array, "r"], k: int) -> Int[Array, "r"]:
+  """log2 of each row's segment size: the largest in SEGMENTS with at least 4k segments in the row."""
+  ratio = jnp.maximum(lengths, 1) // (4 * k)
+  log2 = jnp.where(ratio > 0, 31 - lax.clz(jnp.maximum(ratio, 1)), 0)
+  return jnp.clip(log2, 0, len(SEGMENTS) - 1).astype(jnp.int32)
+
+
+def topk_gpu(logits: Float[Array, "r t"], k: int, lengths: Int[Array, "r"] | None = None,
+             config: TopkGpuConfig = TopkGpuConfig(), interpret: bool = False) -> Int[Array, "r k"]:
+  """Indices of the k largest values of each row (ties to the lower index), -1 where the value is -inf.
+
+  ``lengths[r]``: the row's values past it are -inf (a causal or decode row: position + 1); the
+  kernel never reads them. Default: the whole row.
+  """
+  r, t = logits.shape
+  if t <= 2 * k:
     return reference(logits, k)  # short rows: pruning saves nothing
-  idx, overflow = topk_candidates_kernel(logits, k, config, interpret)
+  lengths = jnp.full((r,), t, jnp.int32) if lengths is None else jnp.minimum(lengths, t)
+  rows = logits
+  if t % ROW_ALIGN:  # whole blocks of at least the largest segment (the padding is never read: lengths <= t)
+    rows = jnp.pad(logits, ((0, 0), (0, ROW_ALIGN - t % ROW_ALIGN)), constant_values=-jnp.inf)
+  idx, overflow = topk_candidates_kernel(rows, lengths, k, config, interpret)
   return lax.cond(jnp.any(overflow > 0), lambda: reference(logits, k), lambda: idx)
 
 
-def topk_candidates_kernel(logits: Float[Array, "r t"], k: int, config: TopkGpuConfig, interpret: bool = False
-                           ) -> tuple[Int[Array, "r k"], Int[Array, "r"]]:
+def topk_candidates_kernel(logits: Float[Array, "r t"], lengths: Int[Array, "r"], k: int, config: TopkGpuConfig,
+                           interpret: bool = False) -> tuple[Int[Array, "r k"], Int[Array, "r"]]:
   """The kernel alone: (indices, overflow flag per row); a flagged row's indices are not valid."""
   r, t = logits.shape
-  g = config.segment_for(t, k)
-  n_seg = _next_pow2(-(-t // g))
   capacity = _next_pow2(config.capacity or 2 * k)
   k_pow2 = _next_pow2(k)
   block = min(config.block, t & -t)  # a power of two dividing t: every block is whole
-  n_blocks = t // block
-  padded = jnp.pad(logits, ((0, 0), (0, n_seg * g - t)), constant_values=-jnp.inf)
-  maxima = padded.reshape(r, n_seg, g).max(axis=-1)
+  if block < SEGMENTS[-1]:
+    raise ValueError(f"topk_candidates_kernel: row length {t} must be a multiple of {SEGMENTS[-1]}")
+  max_width = 8 * k + block          # maxima per row: fewer than 8k (see segment_log2)
+  seg_log2 = segment_log2(jnp.clip(lengths, 0, t), k)
 
   # SPARE: masked-off lanes of a scatter get distinct destinations past the live region. Hardware
   # skips them; interpret mode writes their old values back, which must not land on live slots.
-  def kernel(maxima_ref, logits_ref, idx_ref, overflow_ref, cand_val_ref, cand_idx_ref):
+  def kernel(lengths_ref, seg_log2_ref, logits_ref, idx_ref, overflow_ref, maxima_ref, cand_val_ref, cand_idx_ref):
     row = pl.program_id(0)
-    tau = _kth_largest_key(ordered_key(maxima_ref[row, :]), k)
+    n = jnp.clip(lengths_ref[row], 0, t)
+    level = seg_log2_ref[row]
+    lane = jnp.arange(block, dtype=jnp.int32)
+
+    def row_block(b):
+      offs = b * block + lane
+      return offs, jnp.where(offs < n, logits_ref[row, pl.ds(b * block, block)], -jnp.inf)
+
+    def segment_maxima(b, carry):  # step 0: maxima of this row's segments, in a scratch row
+      _, vals = row_block(b)
+      for i, g in enumerate(SEGMENTS):
+        @pl.when(level == i)
+        def _(g=g):
+          m = vals.reshape(block // g, g).max(axis=1) if g > 1 else vals
+          maxima_ref[row, pl.ds(b * (block // g), block // g)] = m
+      return carry
+
+    n_blocks = (n + block - 1) // block
+    lax.fori_loop(0, n_blocks, segment_maxima, jnp.int32(0))
+    n_max = (n + (1 << level) - 1) >> level
+
+    def count_maxima_at_least(threshold):
+      def body(b, c):
+        offs = b * block + lane
+        keys = jnp.where(offs < n_max, ordered_key(maxima_ref[row, pl.ds(b * block, block)]), INT32_MIN)
+        return c + jnp.sum((keys >= threshold).astype(jnp.int32))
+      return lax.fori_loop(0, (n_max + block - 1) // block, body, jnp.int32(0))
+
+    tau = _kth_largest_key(count_maxima_at_least, k)
 
     def compact(b, count):  # candidates >= tau, in index order
-      offs = b * block + jnp.arange(block, dtype=jnp.int32)
-      vals = logits_ref[row, pl.ds(b * block, block)]
+      offs, vals = row_block(b)
       keys = ordered_key(vals)
       keep = (keys >= tau) & (keys > NEG_INF_KEY)  # -inf keys are never chosen: their slots stay -1
       dest = count + jnp.cumsum(keep.astype(jnp.int32)) - 1
       ok = keep & (dest < capacity)
-      dest = jnp.where(ok, dest, capacity + jnp.arange(block, dtype=jnp.int32))  # see SPARE below
+      dest = jnp.where(ok, dest, capacity + lane)  # see SPARE
       pltriton.store(cand_val_ref.at[row, dest], vals, mask=ok)
       pltriton.store(cand_idx_ref.at[row, dest], offs, mask=ok)
       return count + jnp.sum(keep.astype(jnp.int32))
@@ -131,10 +166,10 @@ def topk_candidates_kernel(logits: Float[Array, "r t"], k: int, config: TopkGpuC
 
     slot = jnp.arange(capacity, dtype=jnp.int32)
     used = slot < jnp.minimum(count, capacity)
-    keys = jnp.where(used, ordered_key(pltriton.load(cand_val_ref.at[row, pl.ds(0, capacity)], mask=used, other=-jnp.inf)),
-                     INT32_MIN)
+    vals = pltriton.load(cand_val_ref.at[row, pl.ds(0, capacity)], mask=used, other=-jnp.inf)
+    keys = jnp.where(used, ordered_key(vals), INT32_MIN)
     cand_idx = pltriton.load(cand_idx_ref.at[row, pl.ds(0, capacity)], mask=used, other=-1)
-    v = _kth_largest_key(keys, k)
+    v = _kth_largest_key(lambda threshold: jnp.sum((keys >= threshold).astype(jnp.int32)), k)
     above = used & (keys > v)
     tied = used & (keys == v)
     room = k - jnp.sum(above.astype(jnp.int32))
@@ -145,10 +180,11 @@ def topk_candidates_kernel(logits: Float[Array, "r t"], k: int, config: TopkGpuC
   idx, overflow = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((r, k_pow2 + capacity), jnp.int32), jax.ShapeDtypeStruct((r,), jnp.int32),
+                 jax.ShapeDtypeStruct((r, max_width), jnp.float32),
                  jax.ShapeDtypeStruct((r, capacity + block), jnp.float32),
                  jax.ShapeDtypeStruct((r, capacity + block), jnp.int32)),
       grid=(r,),
       compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=1),
       interpret=interpret,
-  )(maxima, logits)[:2]
+  )(lengths.astype(jnp.int32), seg_log2, logits)[:2]
   return idx[:, :k], overflow

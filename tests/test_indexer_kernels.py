@@ -8,7 +8,7 @@ import pytest
 from dsv32_jax import indexer, quant
 from pallas_kernels import dispatch
 from pallas_kernels.indexer_logits_mgpu import IndexerLogitsConfig, index_logits_mgpu
-from pallas_kernels.topk_gpu import TopkGpuConfig, ordered_key, topk_candidates_kernel, topk_gpu
+from pallas_kernels.topk_gpu import TopkGpuConfig, ordered_key, segment_log2, topk_candidates_kernel, topk_gpu
 from tests.conftest import rel_err
 
 
@@ -63,30 +63,41 @@ def test_ordered_keys_follow_the_float_order():
   assert (np.diff(np.asarray(ordered_key(x)).astype(np.int64)) > 0).all()
 
 
-@pytest.mark.parametrize("rows, t, k, segment, ties", [(3, 1024, 16, 8, False), (2, 2048, 16, 8, True),
-                                                       (2, 4096, 64, 4, True), (1, 640, 16, 8, False)])
-def test_topk_kernel_equals_the_reference_in_interpret_mode(rng, rows, t, k, segment, ties):
-  """Exact sets (ties to the lower index), -1 for rows with fewer than k finite values, without fallback."""
+@pytest.mark.parametrize("rows, t, k, ties", [(3, 1024, 16, False), (2, 2048, 16, True), (2, 4096, 64, True),
+                                              (1, 640, 16, False), (4, 8192, 16, False)])
+def test_topk_kernel_equals_the_reference_in_interpret_mode(rng, rows, t, k, ties):
+  """Exact sets (ties to the lower index), -1 for rows with fewer than k finite values, without fallback;
+  rows of different visible lengths (so different segment sizes)."""
   x = rng.standard_normal((rows, t)).astype(np.float32)
   if ties:
     x = np.round(x * 2) / 2
-  x[0, 20:] = -np.inf              # a short row (k <= 20 < segment * k)
-  x[-1, -100:] = -np.inf           # masked keys at the end
-  config = TopkGpuConfig(segment=segment, capacity=k * segment, block=256)
-  got, overflow = topk_candidates_kernel(jnp.asarray(x), k, config, interpret=True)
+  lengths = np.full(rows, t, np.int32)
+  lengths[0] = 20                  # a short row (k <= 20)
+  lengths[-1] = t - 100            # a causal-looking row
+  if rows > 2:
+    lengths[1] = 9 * k             # segment 2
+  x[np.arange(t)[None, :] >= lengths[:, None]] = -np.inf
+  config = TopkGpuConfig(capacity=64 * k, block=256)  # room for heavy ties: this test is about the kernel
+  got, overflow = topk_candidates_kernel(jnp.asarray(x), jnp.asarray(lengths), k, config, interpret=True)
   assert not np.asarray(overflow).any()
   ref = np.asarray(indexer.select_topk(jnp.asarray(x), k))
   for g, r in zip(np.asarray(got), ref):
     assert sorted(g.tolist()) == sorted(r.tolist())
 
 
+def test_topk_segment_sizes():
+  lengths = jnp.asarray([1, 20, 8 * 16 - 1, 8 * 16, 16 * 16, 4 * 16 * 64, 10 ** 6], jnp.int32)
+  assert segment_log2(lengths, 16).tolist() == [0, 0, 0, 1, 2, 6, 6]
+
+
 def test_topk_falls_back_when_maxima_tie(rng):
   """More than k segment maxima tied at the threshold overflow the candidate buffer: still exact."""
   x = np.zeros((1, 1024), np.float32)
   x[0, rng.choice(1024, 5, replace=False)] = 1.0
-  config = TopkGpuConfig(segment=4, block=256)
-  assert np.asarray(topk_candidates_kernel(jnp.asarray(x), 16, config, interpret=True)[1]).all()
-  got = np.asarray(topk_gpu(jnp.asarray(x), 16, TopkGpuConfig(segment=4, block=256), interpret=True))
+  config = TopkGpuConfig(block=256)
+  lengths = jnp.asarray([1024], jnp.int32)
+  assert np.asarray(topk_candidates_kernel(jnp.asarray(x), lengths, 16, config, interpret=True)[1]).all()
+  got = np.asarray(topk_gpu(jnp.asarray(x), 16, config=config, interpret=True))
   assert sorted(got[0].tolist()) == sorted(np.asarray(indexer.select_topk(jnp.asarray(x), 16))[0].tolist())
 
 
@@ -147,6 +158,6 @@ def test_model_with_kernels_matches_the_reference_on_gpu(rng):
 
   ref_prefill, ref_decode, ref_topk = run("reference")
   out_prefill, out_decode, out_topk = run("auto")
-  same = np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(out_topk.reshape(-1, 32), ref_topk.reshape(-1, 32))])
-  assert same > 0.99
+  same = np.mean([sorted(a) == sorted(b) for a, b in zip(out_topk.reshape(-1, 32), ref_topk.reshape(-1, 32))])
+  assert same > 0.95  # FP8 tensor-core accumulation can swap near-tied keys
   assert rel_err(out_prefill, ref_prefill) < 2e-2 and rel_err(out_decode, ref_decode) < 2e-2

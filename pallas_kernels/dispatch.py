@@ -4,6 +4,12 @@
 - ``"auto"``: the fastest implementation that supports the backend and the shapes;
 - ``"reference"``: the plain-JAX reference (what the kernels are tested against);
 - ``"pallas"``: the Pallas kernel, or a clear error when it cannot run here.
+
+DeepSeek Sparse Attention (``index_logits``, ``topk``, ``sparse_mla``): ``"auto"`` runs the Pallas
+Mosaic TPU kernels on a TPU backend and the reference elsewhere (GPU kernels will plug in here);
+``"pallas"`` runs them on a TPU, and on the CPU runs the *same TPU kernels in Pallas TPU interpret
+mode* (the CPU stands in for a TPU: that is how the CPU tests exercise them); on a GPU it raises
+until the Mosaic GPU kernels land.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ def _check_impl(impl: str) -> None:
 
 def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
+
+
+def on_tpu() -> bool:
+  return jax.default_backend() == "tpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,3 +97,85 @@ def _ragged_dot_mgpu(x, w, group_sizes):
       x, w, group_sizes=group_sizes.astype(jnp.int32), block_m=c.block_m, block_n=c.block_n,
       block_k=c.block_k, max_concurrent_steps=c.max_concurrent_steps, grid_block_n=c.grid_block_n,
       transpose_rhs=True)
+
+
+# --- DeepSeek Sparse Attention: lightning-indexer logits, top-k selection, sparse MLA ------------
+
+
+def _dsa_backend(op: str, impl: str) -> str:
+  """"reference" or "tpu" (the Pallas Mosaic TPU kernel: compiled on a TPU, interpreted on a CPU)."""
+  _check_impl(impl)
+  if impl == "reference" or (impl == "auto" and not on_tpu()):
+    return "reference"
+  if on_gpu():
+    raise NotImplementedError(f"{op}(impl='pallas'): no Mosaic GPU kernel yet; use impl='auto' or 'reference'")
+  return "tpu"
+
+
+def _mxu_takes_e4m3() -> bool:
+  """Whether this TPU's MXU multiplies e4m3 x e4m3 (TPU7x does; v5e/v5p/v6e do not)."""
+  if not on_tpu():
+    return False
+  from jax.experimental.pallas import tpu as pltpu
+  return pltpu.get_tpu_info().is_matmul_supported(jnp.float8_e4m3fn, jnp.float8_e4m3fn)
+
+
+def index_logits(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: Float[Array, "b t d"],
+                 k_scale: Float[Array, "b t"], positions: Int[Array, "b s"], *, impl: str = "auto",
+                 config=None) -> Float[Array, "b s t"]:
+  """Indexer logits I[b,t,s] = k_scale[s] * sum_h w[t,h] ReLU(q[t,h] . k[s]), float32, -inf where
+  key s > positions[b,t] (causal: a query sees the cache slots up to its own position).
+
+  q, k: e4m3 (the released FP8 indexer) or float; w: float32 with the query scales folded in.
+  Reference: ``dsv32_jax.indexer.index_logits``; TPU: ``pallas_kernels.index_logits_tpu``
+  (``config``: its ``IndexLogitsTpuConfig``; by default e4m3 goes to the MXU unwidened where the
+  chip's MXU takes it).
+  """
+  if _dsa_backend("index_logits", impl) == "reference":
+    from dsv32_jax.indexer import index_logits as reference
+    visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]
+    return reference(q, w, k, k_scale, visible)
+  from pallas_kernels import index_logits_tpu
+  if config is None:
+    config = dataclasses.replace(index_logits_tpu.DEFAULT_CONFIG, fp8_matmul=_mxu_takes_e4m3())
+  return index_logits_tpu.index_logits(q, w, k, k_scale, positions, config=config)
+
+
+def topk(logits: Float[Array, "*b t"], k: int, *, impl: str = "auto", approx_recall: float | None = None,
+         config=None) -> Int[Array, "*b k"]:
+  """Indices of the k largest logits of each row, used as a set; -1 fills the slots beyond the
+  finite logits. Ties at the k-th value go to the lower index (``jax.lax.top_k``'s rule).
+
+  The order of the indices inside a row is unspecified (reference: by score; TPU kernel: ascending).
+  ``approx_recall`` (e.g. 0.95) selects ``jax.lax.approx_max_k`` instead, on every backend: on a TPU
+  it may miss keys near the threshold (recall: docs/tpu.md), elsewhere it is exact.
+  Reference: ``dsv32_jax.indexer.select_topk``; TPU: ``pallas_kernels.topk_tpu``.
+  """
+  if approx_recall is not None:
+    from pallas_kernels import topk_tpu
+    return topk_tpu.topk_approx(logits, k, recall_target=approx_recall)
+  if _dsa_backend("topk", impl) == "reference":
+    from dsv32_jax.indexer import select_topk
+    lead = logits.shape[:-1]
+    return select_topk(logits.reshape(1, -1, logits.shape[-1]), k).reshape(*lead, k)
+  from pallas_kernels import topk_tpu
+  return topk_tpu.topk(logits, k, config=config or topk_tpu.DEFAULT_CONFIG)
+
+
+def sparse_mla(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv: Float[Array, "b t c"],
+               k_pe: Float[Array, "b t r"], idx: Int[Array, "b s k"], scale: float, *, impl: str = "auto",
+               config=None) -> Float[Array, "b s h c"]:
+  """MLA in the latent (MQA form) over the rows idx selects (-1: unused slot); output in q_lat's dtype.
+
+  o[t,h] = softmax_j((q_lat[t,h] . kv[idx[t,j]] + q_pe[t,h] . k_pe[idx[t,j]]) * scale) . kv[idx[t,j]]
+  Reference: ``dsv32_jax.mla.sparse_attention_scaled``; TPU: ``pallas_kernels.sparse_mla_tpu``
+  (token-granular DMAs), or ``pallas_kernels.sparse_mla_blocks_tpu`` when ``config`` is a
+  ``SparseMlaBlocksTpuConfig`` (64-token blocks; indices must be distinct).
+  """
+  if _dsa_backend("sparse_mla", impl) == "reference":
+    from dsv32_jax.mla import sparse_attention_scaled
+    return sparse_attention_scaled(scale, q_lat, q_pe, kv, k_pe, idx)
+  from pallas_kernels import sparse_mla_blocks_tpu, sparse_mla_tpu
+  if isinstance(config, sparse_mla_blocks_tpu.SparseMlaBlocksTpuConfig):
+    return sparse_mla_blocks_tpu.sparse_mla_blocks(q_lat, q_pe, kv, k_pe, idx, scale, config=config)
+  return sparse_mla_tpu.sparse_mla(q_lat, q_pe, kv, k_pe, idx, scale, config=config or sparse_mla_tpu.DEFAULT_CONFIG)

@@ -48,8 +48,9 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite: a fully masked
 class SparseMlaTpuConfig:
   """Tiling of the token-granular sparse MLA kernel.
 
-  chunk: selected rows per compute step and per DMA batch (a multiple of 128 for the MXU); two
-    chunks of latent rows are resident: 2 x 128 x (512 + 64) x 2 B = 288 KiB in bf16.
+  chunk: selected rows per compute step and per DMA batch (a multiple of 128 for the MXU; a
+    selection shorter than that is one chunk); two chunks of latent rows are resident:
+    2 x 128 x (512 + 64) x 2 B = 288 KiB in bf16.
   """
 
   chunk: int = 128
@@ -170,7 +171,7 @@ def sparse_mla(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv
   if q_pe.shape != (b, s, h, r) or kv.shape != (b, t, c) or k_pe.shape != (b, t, r) or idx.shape[:2] != (b, s):
     raise ValueError(f"sparse_mla: shapes q_lat {q_lat.shape}, q_pe {q_pe.shape}, kv {kv.shape}, "
                      f"k_pe {k_pe.shape}, idx {idx.shape} do not agree")
-  chunk = config.chunk
+  chunk = min(config.chunk, round_up(kk, 8))     # short selections (tests, tiny models): one chunk
   k_pad = round_up(kk, chunk)
   n = b * s
   idx = idx.astype(jnp.int32).reshape(n, kk)

@@ -17,8 +17,9 @@ Algorithm (a block of 8 rows x the whole row in VMEM; everything on the VPU, no 
    the ``k - count(above)`` lowest-indexed ones (an exclusive prefix count of ties within each
    128-lane tile, on the MXU against a triangular 0/1 matrix). Each of the 128 lanes appends its
    taken indices to its own column of ``capacity`` slots, so no cross-lane scatter is needed. With
-   k = 2048 a lane takes 16 keys on average; the default capacity 44 is 7 standard deviations above
-   (a uniformly random selection overflows a lane about once in 10^9 rows).
+   k = 2048 a lane takes 16 keys on average (exactly 16 for a contiguous run); the default capacity
+   48 is 8 standard deviations above: a uniformly random selection overflows some lane of a row
+   with probability 3.5e-9 (Poisson tail x 128 lanes).
 4. Outside the kernel the ``capacity * 128`` candidates per row (at most ``k`` of them real) are
    sorted and the first ``k`` kept; a row whose lanes overflowed is recomputed exactly by the
    reference (``jax.lax.cond`` over the whole call: correct always, slow only on adversarial
@@ -57,8 +58,8 @@ class TopkTpuConfig:
   """Tiling of the TPU top-k kernel.
 
   block_rows: rows per step (8 = one float32 vreg of sublanes).
-  lane_capacity: candidate slots per lane and row; None picks ``m + ceil(6 sqrt(m)) + 4`` with
-    ``m = ceil(k / 128)`` (44 for k = 2048).
+  lane_capacity: candidate slots per lane and row; None picks ``m + ceil(7 sqrt(m)) + 4`` with
+    ``m = ceil(k / 128)`` (48 for k = 2048).
   unroll: unrolling of the passes over a row's 128-lane tiles.
   """
 
@@ -71,7 +72,7 @@ class TopkTpuConfig:
     if self.lane_capacity is not None:
       return self.lane_capacity
     m = -(-k // NUM_LANES)
-    return m + math.ceil(6 * math.sqrt(m)) + 4
+    return m + math.ceil(7 * math.sqrt(m)) + 4
 
 
 DEFAULT_CONFIG = TopkTpuConfig()

@@ -91,7 +91,7 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
     idx = None
     if select:  # reference: indexer.index_logits / select_topk; Pallas TPU kernels via the dispatch
       logits = dispatch.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, pos, impl=opts.kernels)
-      idx = dispatch.topk(logits, cfg.index_topk, impl=opts.kernels)
+      idx = dispatch.topk(logits, cfg.index_topk, pos + 1, impl=opts.kernels)  # keys past pos are -inf
       if not gather:
         visible = visible & selection_mask(idx, kv_len)
     if form == "naive":

@@ -141,10 +141,13 @@ def index_logits(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: Float[
   return index_logits_tpu.index_logits(q, w, k, k_scale, positions, config=config)
 
 
-def topk(logits: Float[Array, "*b t"], k: int, *, impl: str = "auto", approx_recall: float | None = None,
-         config=None) -> Int[Array, "*b k"]:
+def topk(logits: Float[Array, "*b t"], k: int, lengths: Int[Array, "*b"] | None = None, *, impl: str = "auto",
+         approx_recall: float | None = None, config=None) -> Int[Array, "*b k"]:
   """Indices of the k largest logits of each row, used as a set; -1 fills the slots beyond the
   finite logits. Ties at the k-th value go to the lower index (``jax.lax.top_k``'s rule).
+
+  ``lengths`` (optional, per row): keys at positions >= lengths count as -inf, and kernels may skip
+  them (a causal row t passes ``position + 1``: half the work of a prefill).
 
   The order of the indices inside a row is unspecified (reference: by score; TPU kernel: ascending).
   ``approx_recall`` (e.g. 0.95) selects ``jax.lax.approx_max_k`` instead, on every backend: on a TPU
@@ -153,13 +156,15 @@ def topk(logits: Float[Array, "*b t"], k: int, *, impl: str = "auto", approx_rec
   """
   if approx_recall is not None:
     from pallas_kernels import topk_tpu
-    return topk_tpu.topk_approx(logits, k, recall_target=approx_recall)
+    return topk_tpu.topk_approx(logits, k, lengths, recall_target=approx_recall)
   if _dsa_backend("topk", impl) == "reference":
     from dsv32_jax.indexer import select_topk
-    lead = logits.shape[:-1]
-    return select_topk(logits.reshape(1, -1, logits.shape[-1]), k).reshape(*lead, k)
+    *lead, t = logits.shape
+    if lengths is not None:
+      logits = jnp.where(jnp.arange(t) < lengths[..., None], logits, -jnp.inf)
+    return select_topk(logits.reshape(1, -1, t), k).reshape(*lead, k)
   from pallas_kernels import topk_tpu
-  return topk_tpu.topk(logits, k, config=config or topk_tpu.DEFAULT_CONFIG)
+  return topk_tpu.topk(logits, k, lengths, config=config or topk_tpu.DEFAULT_CONFIG)
 
 
 def sparse_mla(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv: Float[Array, "b t c"],

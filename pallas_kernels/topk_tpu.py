@@ -78,30 +78,44 @@ class TopkTpuConfig:
 DEFAULT_CONFIG = TopkTpuConfig()
 
 
-def _topk_kernel(logits_ref, candidates_ref, lane_counts_ref, keys_ref, *, k: int, capacity: int,
-                 unroll: int):
-  """logits_ref [R, T] f32 -> candidates_ref [R, capacity*128] i32 (unused slots _EMPTY) and
-  lane_counts_ref [R, 128] i32 (keys each lane took; > capacity means overflow). keys_ref: scratch."""
-  rows, t = logits_ref.shape
-  n_tiles = t // NUM_LANES
-  unroll = max(1, min(unroll, n_tiles))
+def _topk_kernel(tiles_ref, lengths_ref, logits_ref, candidates_ref, lane_counts_ref, keys_ref, *, k: int,
+                 capacity: int, unroll: int):
+  """One block of R rows. tiles_ref [blocks] (SMEM prefetch): 128-lane tiles holding the block's
+  longest valid prefix (the passes stop there); lengths_ref [R, 1] i32: valid prefix of each row
+  (keys past it count as -inf); logits_ref [R, T] f32 -> candidates_ref [R, capacity*128] i32
+  (unused slots _EMPTY) and lane_counts_ref [R, 128] i32 (keys each lane took; > capacity means
+  overflow). keys_ref: scratch [R, T] i32."""
+  rows = logits_ref.shape[0]
+  n_tiles = tiles_ref[pl.program_id(0)]
 
   def tile(i):
     return pl.ds(pl.multiple_of(i * NUM_LANES, NUM_LANES), NUM_LANES)
 
+  def over_tiles(body, carry):
+    """carry = body(i, carry) for the block's tiles, `unroll` tiles per loop iteration."""
+    def group(g, carry):
+      for u in range(unroll):
+        carry = body(g * unroll + u, carry)
+      return carry
+    carry = jax.lax.fori_loop(0, n_tiles // unroll, group, carry)
+    return jax.lax.fori_loop(n_tiles // unroll * unroll, n_tiles, body, carry)
+
+  lane = jax.lax.broadcasted_iota(jnp.int32, (rows, NUM_LANES), 1)
+  lengths = lengths_ref[...]
+
   def to_keys(i, carry):
     bits = pltpu.bitcast(logits_ref[:, tile(i)], jnp.int32)
-    keys_ref[:, tile(i)] = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    keys_ref[:, tile(i)] = jnp.where(i * NUM_LANES + lane < lengths, key, _NEG_INF_KEY)
     return carry
 
-  jax.lax.fori_loop(0, n_tiles, to_keys, 0, unroll=unroll)
+  over_tiles(to_keys, 0)
 
   def count(predicate):
     """Per row, how many keys satisfy predicate (float32: exact below 2^24)."""
     def body(i, acc):
       return acc + predicate(keys_ref[:, tile(i)]).astype(jnp.float32)
-    acc = jax.lax.fori_loop(0, n_tiles, body, jnp.zeros((rows, NUM_LANES), jnp.float32), unroll=unroll)
-    return acc.sum(axis=1, keepdims=True)                            # [R, 1]
+    return over_tiles(body, jnp.zeros((rows, NUM_LANES), jnp.float32)).sum(axis=1, keepdims=True)  # [R, 1]
 
   def bisect(bit, answer):
     """answer holds the top bits of the k-th largest key, in the order where INT_MIN is 0."""
@@ -116,7 +130,6 @@ def _topk_kernel(logits_ref, candidates_ref, lane_counts_ref, keys_ref, *, k: in
   ties_wanted = jnp.where(has_k_finite, k - n_above, 0.0)           # [R, 1], float32
 
   candidates_ref[...] = jnp.full(candidates_ref.shape, _EMPTY, jnp.int32)
-  lane = jax.lax.broadcasted_iota(jnp.int32, (rows, NUM_LANES), 1)
   strictly_before = (jax.lax.broadcasted_iota(jnp.int32, (NUM_LANES, NUM_LANES), 0)
                      < jax.lax.broadcasted_iota(jnp.int32, (NUM_LANES, NUM_LANES), 1)).astype(jnp.bfloat16)
 
@@ -154,45 +167,72 @@ def _reference_rows(logits: Float[Array, "n t"], k: int) -> Int[Array, "n k"]:
   return select_topk(logits[None], k)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("k", "config", "interpret"))
-def topk(logits: Float[Array, "*b t"], k: int, *, config: TopkTpuConfig = DEFAULT_CONFIG,
-         interpret=None) -> Int[Array, "*b k"]:
-  """The k largest logits of each row as a set of indices (ascending, -1 padded); exact."""
-  *lead, t = logits.shape
-  rows = math.prod(lead)
-  capacity = config.capacity(k)
-  flat = _pad_logits(logits.reshape(rows, t).astype(jnp.float32), k, config.block_rows)
-  n_pad, t_pad = flat.shape
-  r = config.block_rows
+def topk_candidates(logits: Float[Array, "n t"], lengths: Int[Array, "n"], k: int, config: TopkTpuConfig,
+                    interpret=None) -> tuple[Int[Array, "n c"], Int[Array, "n l"]]:
+  """The kernel alone on padded rows (``n`` a multiple of block_rows, ``t`` of 128, ``t >= k``):
+  per row ``capacity * 128`` candidate indices (_EMPTY unused) and the keys each lane took."""
+  n, t = logits.shape
+  r, capacity = config.block_rows, config.capacity(k)
+  tiles = jnp.maximum(lengths.reshape(n // r, r).max(axis=1), 0)
+  tiles = ((tiles + NUM_LANES - 1) // NUM_LANES).astype(jnp.int32)
   kernel = functools.partial(_topk_kernel, k=k, capacity=capacity, unroll=config.unroll)
-  candidates, lane_counts = pl.pallas_call(
+  return pl.pallas_call(
       kernel,
-      grid=(n_pad // r,),
-      in_specs=[pl.BlockSpec((r, t_pad), lambda i: (i, 0))],
-      out_specs=[pl.BlockSpec((r, capacity * NUM_LANES), lambda i: (i, 0)),
-                 pl.BlockSpec((r, NUM_LANES), lambda i: (i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((n_pad, capacity * NUM_LANES), jnp.int32),
-                 jax.ShapeDtypeStruct((n_pad, NUM_LANES), jnp.int32)],
-      scratch_shapes=[pltpu.VMEM((r, t_pad), jnp.int32)],
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(n // r,),
+          in_specs=[pl.BlockSpec((r, 1), lambda i, tl: (i, 0)), pl.BlockSpec((r, t), lambda i, tl: (i, 0))],
+          out_specs=[pl.BlockSpec((r, capacity * NUM_LANES), lambda i, tl: (i, 0)),
+                     pl.BlockSpec((r, NUM_LANES), lambda i, tl: (i, 0))],
+          scratch_shapes=[pltpu.VMEM((r, t), jnp.int32)],
+      ),
+      out_shape=[jax.ShapeDtypeStruct((n, capacity * NUM_LANES), jnp.int32),
+                 jax.ShapeDtypeStruct((n, NUM_LANES), jnp.int32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",),
                                            vmem_limit_bytes=config.vmem_limit_bytes),
       interpret=interpret_params(interpret),
       name="dsa_topk",
-  )(flat)
+  )(tiles, lengths.reshape(n, 1).astype(jnp.int32), logits)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "config", "interpret"))
+def topk(logits: Float[Array, "*b t"], k: int, lengths: Int[Array, "*b"] | None = None, *,
+         config: TopkTpuConfig = DEFAULT_CONFIG, interpret=None) -> Int[Array, "*b k"]:
+  """The k largest logits of each row as a set of indices (ascending, -1 padded); exact.
+
+  ``lengths`` (optional): each row's valid prefix; keys at or past it count as -inf and the
+  kernel's passes stop at the block's longest prefix (a causal prefill halves the work).
+  """
+  *lead, t = logits.shape
+  rows = math.prod(lead)
+  flat = _pad_logits(logits.reshape(rows, t).astype(jnp.float32), k, config.block_rows)
+  n_pad = flat.shape[0]
+  lengths = (jnp.full((rows,), t, jnp.int32) if lengths is None
+             else jnp.clip(lengths.reshape(rows).astype(jnp.int32), 0, t))
+  lengths = jnp.pad(lengths, (0, n_pad - rows))
+  candidates, lane_counts = topk_candidates(flat, lengths, k, config, interpret)
   selected = jnp.sort(candidates, axis=-1)[:, :k]
   selected = jnp.where(selected == _EMPTY, -1, selected)
-  overflow = jnp.any(lane_counts > capacity)
-  selected = jax.lax.cond(overflow, lambda: _reference_rows(flat, k), lambda: selected)
+  overflow = jnp.any(lane_counts > config.capacity(k))
+
+  def exact_reference():
+    visible = jnp.arange(flat.shape[1])[None, :] < lengths[:, None]
+    return _reference_rows(jnp.where(visible, flat, -jnp.inf), k)
+
+  selected = jax.lax.cond(overflow, exact_reference, lambda: selected)
   return selected[:rows].reshape(*lead, k)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "recall_target"))
-def topk_approx(logits: Float[Array, "*b t"], k: int, *, recall_target: float = 0.95) -> Int[Array, "*b k"]:
+def topk_approx(logits: Float[Array, "*b t"], k: int, lengths: Int[Array, "*b"] | None = None, *,
+                recall_target: float = 0.95) -> Int[Array, "*b k"]:
   """``jax.lax.approx_max_k`` with the -1 rule: on a TPU it keeps the max of each of L bins
   (L from recall_target) and sorts those, so ties and near-threshold keys may be dropped; on other
   backends it is exact (XLA's fallback sorts). Recall figures: docs/tpu.md."""
   *lead, t = logits.shape
   flat = logits.reshape(-1, t).astype(jnp.float32)
+  if lengths is not None:
+    flat = jnp.where(jnp.arange(t)[None, :] < lengths.reshape(-1, 1), flat, -jnp.inf)
   if t < k:
     flat = jnp.pad(flat, ((0, 0), (0, k - t)), constant_values=-jnp.inf)
   values, idx = jax.lax.approx_max_k(flat, k, recall_target=recall_target)

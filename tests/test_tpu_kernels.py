@@ -120,25 +120,23 @@ def test_topk_lane_overflow_falls_back_to_the_exact_reference(rng):
   logits = rng.standard_normal((8, 1280)).astype(np.float32)
   logits[:, ::128] += 100.0
   config = topk_tpu.TopkTpuConfig(lane_capacity=4)
-  flat = topk_tpu._pad_logits(jnp.asarray(logits), 12, 8)
-  _, lane_counts = pl_call_candidates(flat, 12, config)
+  _, lane_counts = topk_tpu.topk_candidates(jnp.asarray(logits), jnp.full((8,), 1280, jnp.int32), 12, config)
   assert int(np.asarray(lane_counts).max()) > 4            # the overflow really happens
   out = topk_tpu.topk(jnp.asarray(logits), 12, config=config, interpret=True)
   assert index_sets(out) == index_sets(reference_topk(logits, 12))
 
 
-def pl_call_candidates(flat, k, config):
-  """The kernel's raw outputs (candidates, lane counts), for the overflow test."""
-  from jax.experimental import pallas as pl
-  r, t = config.block_rows, flat.shape[1]
-  capacity = config.capacity(k)
-  kernel = functools.partial(topk_tpu._topk_kernel, k=k, capacity=capacity, unroll=config.unroll)
-  return pl.pallas_call(
-      kernel, grid=(flat.shape[0] // r,), in_specs=[pl.BlockSpec((r, t), lambda i: (i, 0))],
-      out_specs=[pl.BlockSpec((r, capacity * 128), lambda i: (i, 0)), pl.BlockSpec((r, 128), lambda i: (i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((flat.shape[0], capacity * 128), jnp.int32),
-                 jax.ShapeDtypeStruct((flat.shape[0], 128), jnp.int32)],
-      scratch_shapes=[pltpu.VMEM((r, t), jnp.int32)], interpret=pltpu.InterpretParams())(flat)
+def test_topk_lengths_mask_and_shorten_rows(rng):
+  """Row lengths: keys past them are ignored even when finite; blocks stop at their longest row."""
+  logits = rng.standard_normal((2, 9, 600)).astype(np.float32)
+  lengths = rng.integers(0, 600, (2, 9)).astype(np.int32)
+  lengths[0, :8] = rng.integers(0, 200, 8)     # the first block of 8 rows stops after 2 tiles
+  masked = np.where(np.arange(600) < lengths[..., None], logits, -np.inf)
+  out = topk_tpu.topk(jnp.asarray(logits), 24, jnp.asarray(lengths), interpret=RACES)
+  assert no_races()
+  assert index_sets(out) == index_sets(reference_topk(masked, 24))
+  ref = dispatch.topk(jnp.asarray(logits), 24, jnp.asarray(lengths), impl="reference")
+  assert index_sets(ref) == index_sets(out)
 
 
 def test_default_lane_capacity_covers_random_selections(rng):

@@ -89,16 +89,17 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   def attend(q_main, q_pe, index_q, index_w, pos):
     visible = key_pos[None, None, :] <= pos[:, :, None]
     idx = None
-    if select:
+    if select:  # reference: indexer.index_logits / select_topk; the GPU and TPU kernels via the dispatch
       logits = dispatch.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, pos, impl=opts.kernels)
-      idx = dispatch.topk(logits, cfg.index_topk, lengths=jnp.minimum(pos + 1, kv_len), impl=opts.kernels)
+      idx = dispatch.topk(logits, cfg.index_topk, pos + 1, impl=opts.kernels)  # keys past pos are -inf
       if not gather:
         visible = visible & selection_mask(idx, kv_len)
     if form == "naive":
       return mla.naive_attention(cfg, q_main, q_pe, k_nope, v, keys.k_pe, visible), idx
     if gather:
-      o_lat = mla.sparse_attention(cfg, q_main, q_pe, keys.kv, keys.k_pe,
-                                   idx if select else jnp.where(visible, key_pos, -1))
+      o_lat = dispatch.sparse_mla(q_main, q_pe, keys.kv, keys.k_pe,
+                                  idx if select else jnp.where(visible, key_pos, -1), cfg.softmax_scale,
+                                  impl=opts.kernels)  # reference: mla.sparse_attention
     else:
       o_lat = mla.absorbed_attention(cfg, q_main, q_pe, keys.kv, keys.k_pe, visible)
     return mla.latent_output(p, cfg, o_lat), idx

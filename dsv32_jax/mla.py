@@ -104,12 +104,18 @@ def absorbed_attention(cfg: ModelConfig, q_lat: Float[Array, "b s h c"], q_pe, c
 
 def sparse_attention(cfg: ModelConfig, q_lat: Float[Array, "b s h c"], q_pe, c: Float[Array, "b t c"],
                      k_pe: Float[Array, "b t r"], idx: Int[Array, "b s k"]) -> Float[Array, "b s h c"]:
-  """MQA form over gathered top-k rows; idx = -1 marks an unused slot. Reference for the sparse kernels."""
+  """MQA form over gathered top-k rows; idx = -1 marks an unused slot."""
+  return sparse_attention_scaled(cfg.softmax_scale, q_lat, q_pe, c, k_pe, idx)
+
+
+def sparse_attention_scaled(scale: float, q_lat: Float[Array, "b s h c"], q_pe, c: Float[Array, "b t c"],
+                            k_pe: Float[Array, "b t r"], idx: Int[Array, "b s k"]) -> Float[Array, "b s h c"]:
+  """``sparse_attention`` with the score scale given: the reference of the sparse MLA kernels."""
   dtype = q_lat.dtype
   valid = idx >= 0
   safe = jnp.where(valid, idx, 0)
   gather = jax.vmap(lambda rows, i: rows[i])  # per sequence: [T, F] rows at [S, K] -> [S, K, F]
   c_sel, pe_sel = gather(c, safe), gather(k_pe, safe)
   scores = _mm("bshc,bskc->bshk", q_lat, c_sel, dtype) + _mm("bshr,bskr->bshk", q_pe, pe_sel, dtype)
-  probs = _softmax((scores * cfg.softmax_scale).astype(dtype), valid[:, :, None, :], dtype)
+  probs = _softmax((scores * scale).astype(dtype), valid[:, :, None, :], dtype)
   return _mm("bshk,bskc->bshc", probs, c_sel, dtype)

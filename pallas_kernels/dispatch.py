@@ -4,6 +4,13 @@
 - ``"auto"``: the fastest implementation that supports the backend and the shapes;
 - ``"reference"``: the plain-JAX reference (what the kernels are tested against);
 - ``"pallas"``: the Pallas kernel, or a clear error when it cannot run here.
+
+DeepSeek Sparse Attention (``index_logits``, ``topk``, ``sparse_mla``): ``"auto"`` runs the Pallas
+Mosaic TPU kernels on a TPU, the GPU kernels on a GPU where one exists for the operation and the
+operands (the Mosaic GPU indexer logits for e4m3 operands, the top-k kernel), and the reference
+elsewhere; ``"pallas"`` insists on the kernel: on a GPU it raises where none exists (sparse MLA, for
+now), and on the CPU it runs the *TPU kernels in Pallas TPU interpret mode* (the CPU stands in for a
+TPU; the GPU kernels' CPU tests call them in Mosaic GPU / Triton interpret mode directly).
 """
 
 from __future__ import annotations
@@ -15,8 +22,6 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from dsv32_jax import indexer as indexer_reference
-
 IMPLS = ("auto", "reference", "pallas")
 
 
@@ -27,6 +32,10 @@ def _check_impl(impl: str) -> None:
 
 def on_gpu() -> bool:
   return jax.default_backend() == "gpu"
+
+
+def on_tpu() -> bool:
+  return jax.default_backend() == "tpu"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,33 +100,110 @@ def _ragged_dot_mgpu(x, w, group_sizes):
       transpose_rhs=True)
 
 
-def index_logits(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: Float[Array, "b t d"],
-                 k_scale: Float[Array, "b t"], positions: Int[Array, "b s"], impl: str = "auto") -> Float[Array, "b s t"]:
-  """Lightning-indexer logits, -inf where key > position. GPU + e4m3 operands: the Mosaic GPU kernel."""
-  _check_impl(impl)
-  fp8 = q.dtype == jnp.float8_e4m3fn and k.dtype == jnp.float8_e4m3fn
-  kernel_ok = fp8 and q.shape[-1] % 32 == 0 and q.shape[-2] % 8 == 0
-  if impl == "pallas" or (impl == "auto" and on_gpu() and kernel_ok):
-    if not kernel_ok:
-      raise ValueError(f"index_logits(impl='pallas') needs e4m3 q and k (got {q.dtype}, {k.dtype}) with head dim a "
-                       "multiple of 32 and heads a multiple of 8")
-    from pallas_kernels.indexer_logits_mgpu import index_logits_mgpu
-    return index_logits_mgpu(q, w, k, k_scale, positions, interpret=not on_gpu())
-  visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]
-  return indexer_reference.index_logits(q, w, k, k_scale, visible)
+# --- DeepSeek Sparse Attention: lightning-indexer logits, top-k selection, sparse MLA ------------
 
 
-def topk(logits: Float[Array, "... t"], k: int, lengths: Int[Array, "..."] | None = None,
-         impl: str = "auto") -> Int[Array, "... k"]:
-  """Exact top-k indices per row (ties to the lower index; -1 for -inf values). GPU: threshold + compaction.
+def _dsa_backend(op: str, impl: str, gpu_kernel: bool) -> str:
+  """"reference", "gpu" or "tpu" (a Pallas Mosaic TPU kernel: compiled on a TPU, interpreted on a CPU).
 
-  lengths (optional): each row's values from lengths on are -inf (causal and decode rows), which the
-  GPU kernel then never reads.
+  gpu_kernel: whether a GPU kernel exists for this operation and these operands.
   """
   _check_impl(impl)
-  if impl == "pallas" or (impl == "auto" and on_gpu()):
+  if impl == "reference":
+    return "reference"
+  if on_gpu():
+    if gpu_kernel:
+      return "gpu"
+    if impl == "pallas":
+      raise NotImplementedError(f"{op}(impl='pallas'): no GPU kernel for this operation and these operands; "
+                                "use impl='auto' or 'reference'")
+    return "reference"
+  if impl == "auto" and not on_tpu():
+    return "reference"
+  return "tpu"
+
+
+def _mxu_takes_e4m3() -> bool:
+  """Whether this TPU's MXU multiplies e4m3 x e4m3 (TPU7x does; v5e/v5p/v6e do not)."""
+  if not on_tpu():
+    return False
+  from jax.experimental.pallas import tpu as pltpu
+  return pltpu.get_tpu_info().is_matmul_supported(jnp.float8_e4m3fn, jnp.float8_e4m3fn)
+
+
+def index_logits(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: Float[Array, "b t d"],
+                 k_scale: Float[Array, "b t"], positions: Int[Array, "b s"], *, impl: str = "auto",
+                 config=None) -> Float[Array, "b s t"]:
+  """Indexer logits I[b,t,s] = k_scale[s] * sum_h w[t,h] ReLU(q[t,h] . k[s]), float32, -inf where
+  key s > positions[b,t] (causal: a query sees the cache slots up to its own position).
+
+  q, k: e4m3 (the released FP8 indexer) or float; w: float32 with the query scales folded in.
+  Reference: ``dsv32_jax.indexer.index_logits``; GPU (e4m3): ``pallas_kernels.indexer_logits_mgpu``
+  (``config``: its ``IndexerLogitsConfig``); TPU: ``pallas_kernels.index_logits_tpu`` (``config``: its
+  ``IndexLogitsTpuConfig``; by default e4m3 goes to the MXU unwidened where the chip's MXU takes it).
+  """
+  fp8 = q.dtype == jnp.float8_e4m3fn and k.dtype == jnp.float8_e4m3fn
+  backend = _dsa_backend("index_logits", impl, gpu_kernel=fp8 and q.shape[-1] % 32 == 0 and q.shape[-2] % 8 == 0)
+  if backend == "reference":
+    from dsv32_jax.indexer import index_logits as reference
+    visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]
+    return reference(q, w, k, k_scale, visible)
+  if backend == "gpu":
+    from pallas_kernels.indexer_logits_mgpu import index_logits_mgpu
+    return index_logits_mgpu(q, w, k, k_scale, positions, **({"config": config} if config else {}))
+  from pallas_kernels import index_logits_tpu
+  if config is None:
+    config = dataclasses.replace(index_logits_tpu.DEFAULT_CONFIG, fp8_matmul=_mxu_takes_e4m3())
+  return index_logits_tpu.index_logits(q, w, k, k_scale, positions, config=config)
+
+
+def topk(logits: Float[Array, "*b t"], k: int, lengths: Int[Array, "*b"] | None = None, *, impl: str = "auto",
+         approx_recall: float | None = None, config=None) -> Int[Array, "*b k"]:
+  """Indices of the k largest logits of each row, used as a set; -1 fills the slots beyond the
+  finite logits. Ties at the k-th value go to the lower index (``jax.lax.top_k``'s rule).
+
+  ``lengths`` (optional, per row): keys at positions >= lengths count as -inf, and kernels may skip
+  them (a causal row t passes ``position + 1``: half the work of a prefill).
+
+  The order of the indices inside a row is unspecified (reference: by score; TPU kernel: ascending).
+  ``approx_recall`` (e.g. 0.95) selects ``jax.lax.approx_max_k`` instead, on every backend: on a TPU
+  it may miss keys near the threshold (recall: docs/tpu.md), elsewhere it is exact.
+  Reference: ``dsv32_jax.indexer.select_topk``; GPU: ``pallas_kernels.topk_gpu`` (``config``: its
+  ``TopkGpuConfig``); TPU: ``pallas_kernels.topk_tpu``.
+  """
+  if approx_recall is not None:
+    from pallas_kernels import topk_tpu
+    return topk_tpu.topk_approx(logits, k, lengths, recall_target=approx_recall)
+  backend = _dsa_backend("topk", impl, gpu_kernel=True)
+  *lead, t = logits.shape
+  if backend == "reference":
+    from dsv32_jax.indexer import select_topk
+    if lengths is not None:
+      logits = jnp.where(jnp.arange(t) < lengths[..., None], logits, -jnp.inf)
+    return select_topk(logits.reshape(1, -1, t), k).reshape(*lead, k)
+  if backend == "gpu":
     from pallas_kernels.topk_gpu import topk_gpu
-    rows = logits.reshape(-1, logits.shape[-1])
+    rows = logits.reshape(-1, t)
     row_lengths = None if lengths is None else lengths.reshape(-1)
-    return topk_gpu(rows, k, row_lengths, interpret=not on_gpu()).reshape(*logits.shape[:-1], k)
-  return indexer_reference.select_topk(logits, k)
+    return topk_gpu(rows, k, row_lengths, **({"config": config} if config else {})).reshape(*lead, k)
+  from pallas_kernels import topk_tpu
+  return topk_tpu.topk(logits, k, lengths, config=config or topk_tpu.DEFAULT_CONFIG)
+
+
+def sparse_mla(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv: Float[Array, "b t c"],
+               k_pe: Float[Array, "b t r"], idx: Int[Array, "b s k"], scale: float, *, impl: str = "auto",
+               config=None) -> Float[Array, "b s h c"]:
+  """MLA in the latent (MQA form) over the rows idx selects (-1: unused slot); output in q_lat's dtype.
+
+  o[t,h] = softmax_j((q_lat[t,h] . kv[idx[t,j]] + q_pe[t,h] . k_pe[idx[t,j]]) * scale) . kv[idx[t,j]]
+  Reference: ``dsv32_jax.mla.sparse_attention_scaled``; TPU: ``pallas_kernels.sparse_mla_tpu``
+  (token-granular DMAs), or ``pallas_kernels.sparse_mla_blocks_tpu`` when ``config`` is a
+  ``SparseMlaBlocksTpuConfig`` (64-token blocks; indices must be distinct).
+  """
+  if _dsa_backend("sparse_mla", impl, gpu_kernel=False) == "reference":
+    from dsv32_jax.mla import sparse_attention_scaled
+    return sparse_attention_scaled(scale, q_lat, q_pe, kv, k_pe, idx)
+  from pallas_kernels import sparse_mla_blocks_tpu, sparse_mla_tpu
+  if isinstance(config, sparse_mla_blocks_tpu.SparseMlaBlocksTpuConfig):
+    return sparse_mla_blocks_tpu.sparse_mla_blocks(q_lat, q_pe, kv, k_pe, idx, scale, config=config)
+  return sparse_mla_tpu.sparse_mla(q_lat, q_pe, kv, k_pe, idx, scale, config=config or sparse_mla_tpu.DEFAULT_CONFIG)

@@ -101,16 +101,18 @@ def test_topk_falls_back_when_maxima_tie(rng):
   assert sorted(got[0].tolist()) == sorted(np.asarray(indexer.select_topk(jnp.asarray(x), 16))[0].tolist())
 
 
-def test_dispatch_reference_and_forced_kernel_agree(rng):
-  q8, w, k8, ks = indexer_inputs(rng, 1, 3, 130)
-  positions = jnp.asarray([[60, 61, 129]], jnp.int32)
+def test_gpu_kernels_match_the_dispatch_reference(rng):
+  """The dispatch's reference path (the model's 'reference' kernels) and the GPU kernels, interpreted."""
+  q8, w, k8, ks = indexer_inputs(rng, 1, 3, 1024)
+  positions = jnp.asarray([[600, 601, 1023]], jnp.int32)
   ref = dispatch.index_logits(q8, w, k8, ks, positions, impl="reference")
   check_logits(ref, q8, w, k8, ks, positions)
-  forced = dispatch.index_logits(q8, w, k8, ks, positions, impl="pallas")  # interpret mode off GPU
-  check_logits(forced, q8, w, k8, ks, positions)
-  a = np.asarray(dispatch.topk(forced, 16, impl="pallas"))
-  r = np.asarray(dispatch.topk(ref, 16, impl="reference"))
-  assert [sorted(x) for x in a.reshape(-1, 16).tolist()] == [sorted(x) for x in r.reshape(-1, 16).tolist()]
+  kernel = index_logits_mgpu(q8, w, k8, ks, positions, interpret=True)
+  check_logits(kernel, q8, w, k8, ks, positions)
+  lengths = positions + 1
+  a = np.asarray(topk_gpu(kernel[0], 16, lengths[0], config=TopkGpuConfig(block=256), interpret=True))
+  r = np.asarray(dispatch.topk(ref, 16, lengths, impl="reference"))[0]
+  assert [sorted(x) for x in a.tolist()] == [sorted(x) for x in r.tolist()]
 
 
 @pytest.mark.gpu

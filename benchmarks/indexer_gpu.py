@@ -12,29 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import median_seconds
 from dsv32_jax import indexer, quant
 from pallas_kernels.indexer_logits_mgpu import IndexerLogitsConfig, index_logits_mgpu
 from pallas_kernels.topk_gpu import TopkGpuConfig, topk_gpu
 
 H, D, K = 64, 128, 2048
 ROWS: list[dict] = []
-
-
-def bench(fn, *args, iters=10):
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def report(what, seconds, **extra):
@@ -73,7 +63,7 @@ def main():
   # HBM ceiling, measured: a device-to-device copy (bytes read + written).
   big = jnp.ones((1 << 30,), jnp.float32)
   copy = jax.jit(lambda x: x + 1)
-  t = bench(copy, big, iters=5)
+  t = median_seconds(copy, big, iters=5)
   hbm = 2 * big.nbytes / t
   report("HBM copy (read + write)", t, TBps=hbm / 1e12)
   del big
@@ -103,7 +93,7 @@ def main():
     for name, cfg in configs.items():
       try:
         f = jax.jit(lambda *a, cfg=cfg: index_logits_mgpu(*a, config=cfg))
-        t = bench(f, q8, w, k8, ks, pos)
+        t = median_seconds(f, q8, w, k8, ks, pos)
       except Exception as e:  # report and go on: one failing tiling must not lose the run
         print(f"  {name}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         continue
@@ -111,18 +101,18 @@ def main():
       best = t if best is None else min(best, t)
     xq = 256  # XLA materialises [queries, heads, keys]: measure a smaller chunk
     xpos = pos[:, -xq:]
-    t = bench(jax.jit(xla_logits), q8[:, -xq:], w[:, -xq:], k8, ks, xpos, iters=3)
+    t = median_seconds(jax.jit(xla_logits), q8[:, -xq:], w[:, -xq:], k8, ks, xpos, iters=3)
     report(f"XLA einsum logits, {xq} queries at the end of {L}", t, TFLOPs=causal_flops(xpos) / t / 1e12)
     logits = jnp.where(jnp.arange(L)[None] <= pos[0, :, None],
                        jax.random.normal(jax.random.key(1), (s, L), jnp.float32), -jnp.inf)
-    t_lax = bench(jax.jit(lambda x: jax.lax.top_k(x, K)[1]), logits, iters=3)
+    t_lax = median_seconds(jax.jit(lambda x: jax.lax.top_k(x, K)[1]), logits, iters=3)
     report(f"lax.top_k k=2048, {s} rows x {L}", t_lax)
     for warps in (4, 8):
       cfg = TopkGpuConfig(num_warps=warps)
-      t = bench(jax.jit(lambda x, n, cfg=cfg: topk_gpu(x, K, n, cfg)), logits, pos[0] + 1, iters=5)
+      t = median_seconds(jax.jit(lambda x, n, cfg=cfg: topk_gpu(x, K, n, cfg)), logits, pos[0] + 1, iters=5)
       report(f"top-k kernel ({warps} warps), {s} causal rows x {L}", t, speedup=t_lax / t)
     full = jax.random.normal(jax.random.key(2), (s, L), jnp.float32)
-    t = bench(jax.jit(lambda x: topk_gpu(x, K)), full, iters=5)
+    t = median_seconds(jax.jit(lambda x: topk_gpu(x, K)), full, iters=5)
     report(f"top-k kernel, {s} full rows x {L}", t)
 
   # The whole selection of one layer of a 128K prefill: 64 chunks of 2048 queries.
@@ -141,9 +131,9 @@ def main():
   for b in (1, 32, 128):
     q8, w, k8, ks = inputs(jax.random.key(b), b, 1, L)
     pos = jnp.full((b, 1), L - 1, jnp.int32)
-    t_logits = bench(jax.jit(index_logits_mgpu), q8, w, k8, ks, pos)
+    t_logits = median_seconds(jax.jit(index_logits_mgpu), q8, w, k8, ks, pos)
     step = jax.jit(lambda q, w, k, ks, pos: topk_gpu(index_logits_mgpu(q, w, k, ks, pos)[:, 0], K, pos[:, 0] + 1))
-    t = bench(step, q8, w, k8, ks, pos)
+    t = median_seconds(step, q8, w, k8, ks, pos)
     cache_bytes = b * L * (D + 4)
     report(f"decode logits, batch {b}, 128K cache", t_logits, HBM_share=cache_bytes / t_logits / hbm)
     report(f"decode logits + top-k, batch {b}, 128K cache", t, HBM_share=cache_bytes / t / hbm)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
 import time
 
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import median_seconds
 from dsv32_jax import attention as attention_lib
 from dsv32_jax import cache as cache_lib
 from dsv32_jax import model, moe
@@ -56,17 +56,6 @@ def random_layer(cfg, key, fp8: bool):
   return jax.tree.unflatten(treedef, [draw(s, k) for s, k in zip(leaves, keys)])
 
 
-def time_fn(fn, *args, iters: int):
-  out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--preset", default="v32-671b")
@@ -97,7 +86,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args_).compile()
     compile_s = time.perf_counter() - t0
-    record(name, time_fn(compiled, *args_, iters=args.iters), tokens, compile_s)
+    record(name, median_seconds(compiled, *args_, iters=args.iters), tokens, compile_s)
 
   for s in args.prefill:
     key = jax.random.key(s)

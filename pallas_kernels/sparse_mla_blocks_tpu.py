@@ -37,7 +37,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import sparse_mla_tpu
-from pallas_kernels.sparse_mla_tpu import MASK_VALUE, finish_softmax, online_softmax_step
+from pallas_kernels.sparse_mla_tpu import MASK_VALUE, finish_softmax, masked_scores, online_softmax_step
 from pallas_kernels.tpu_common import interpret_params
 
 REFERENCE = "dsv32_jax.mla.sparse_attention_scaled"
@@ -158,7 +158,6 @@ def _sparse_mla_blocks_kernel(n_blocks_ref, q_lat_ref, q_pe_ref, table_hbm_ref, 
   q_lat = q_lat_ref[...]
   q_pe = q_pe_ref[...]
   heads, latent = q_lat.shape
-  precision = jax.lax.Precision.HIGHEST if q_lat.dtype == jnp.float32 else None
   start_chunk(0, 0)
 
   def body(c, carry):
@@ -170,13 +169,7 @@ def _sparse_mla_blocks_kernel(n_blocks_ref, q_lat_ref, q_pe_ref, table_hbm_ref, 
 
     wait_chunk(buf)
     kv = kv_buf[buf]
-    pe = pe_buf[buf]
-    contract_last = (((1,), (1,)), ((), ()))
-    scores = (jax.lax.dot_general(q_lat, kv, contract_last, preferred_element_type=jnp.float32, precision=precision)
-              + jax.lax.dot_general(q_pe, pe, contract_last, preferred_element_type=jnp.float32,
-                                    precision=precision)) * scale
-    scores = jnp.where(chunk_mask(c), scores, MASK_VALUE)
-    return online_softmax_step(*carry, scores, kv)
+    return online_softmax_step(*carry, masked_scores(q_lat, q_pe, kv, pe_buf[buf], scale, chunk_mask(c)), kv)
 
   init = (jnp.full((heads, 1), MASK_VALUE, jnp.float32), jnp.zeros((heads, 1), jnp.float32),
           jnp.zeros((heads, latent), jnp.float32))

@@ -60,6 +60,16 @@ class SparseMlaTpuConfig:
 DEFAULT_CONFIG = SparseMlaTpuConfig()
 
 
+def masked_scores(q_lat, q_pe, kv, pe, scale: float, mask):
+  """(q_lat . kv + q_pe . pe) * scale for one chunk of rows, float32 [H, chunk]; MASK_VALUE where not mask."""
+  precision = jax.lax.Precision.HIGHEST if q_lat.dtype == jnp.float32 else None
+  contract_last = (((1,), (1,)), ((), ()))
+  scores = (jax.lax.dot_general(q_lat, kv, contract_last, preferred_element_type=jnp.float32, precision=precision)
+            + jax.lax.dot_general(q_pe, pe, contract_last, preferred_element_type=jnp.float32,
+                                  precision=precision)) * scale
+  return jnp.where(mask, scores, MASK_VALUE)
+
+
 def online_softmax_step(m_prev, l_prev, acc_prev, scores, values):
   """FlashAttention's update: scores [H, n] f32 (masked entries MASK_VALUE), values [n, C]."""
   m_next = jnp.maximum(m_prev, scores.max(axis=1, keepdims=True))
@@ -126,7 +136,6 @@ def _sparse_mla_kernel(n_chunks_ref, q_lat_ref, q_pe_ref, idx_ref, idx_hbm_ref, 
   q_lat = q_lat_ref[...]
   q_pe = q_pe_ref[...]
   heads, latent = q_lat.shape
-  precision = jax.lax.Precision.HIGHEST if q_lat.dtype == jnp.float32 else None
   start_chunk(0, 0)
 
   def body(c, carry):
@@ -138,14 +147,8 @@ def _sparse_mla_kernel(n_chunks_ref, q_lat_ref, q_pe_ref, idx_ref, idx_hbm_ref, 
 
     wait_chunk(buf)
     kv = kv_buf[buf]
-    pe = pe_buf[buf]
-    contract_last = (((1,), (1,)), ((), ()))
-    scores = (jax.lax.dot_general(q_lat, kv, contract_last, preferred_element_type=jnp.float32, precision=precision)
-              + jax.lax.dot_general(q_pe, pe, contract_last, preferred_element_type=jnp.float32,
-                                    precision=precision)) * scale                  # [H, chunk]
     valid = idx_ref[:, pl.ds(pl.multiple_of(c * chunk, chunk), chunk)] >= 0        # [1, chunk]
-    scores = jnp.where(valid, scores, MASK_VALUE)
-    return online_softmax_step(*carry, scores, kv)
+    return online_softmax_step(*carry, masked_scores(q_lat, q_pe, kv, pe_buf[buf], scale, valid), kv)
 
   init = (jnp.full((heads, 1), MASK_VALUE, jnp.float32), jnp.zeros((heads, 1), jnp.float32),
           jnp.zeros((heads, latent), jnp.float32))

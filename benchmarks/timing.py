@@ -1,0 +1,20 @@
+"""Timing shared by the benchmarks: median wall time of a synchronised call, after a warm-up."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+
+
+def median_seconds(fn, *args, iters: int = 10) -> float:
+  """Median seconds of ``fn(*args)`` over ``iters`` calls, each waited for; one untimed call first
+  (compilation and first-touch stay out of the figure)."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)

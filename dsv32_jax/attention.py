@@ -90,7 +90,7 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
     idx = None
     if select:
       logits = indexer.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, visible)
-      idx = indexer.select_topk(logits, cfg.index_topk)
+      idx = opts.per_sequence(lambda scores: indexer.select_topk(scores, cfg.index_topk))(logits)
       if not gather:
         visible = visible & selection_mask(idx, kv_len)
     if form == "naive":

@@ -54,6 +54,12 @@ class RunOptions:
     """x laid out as the sharding plan's rules place these logical axes (no-op without a plan)."""
     return x if self.sharding is None else self.sharding.constrain(x, axes)
 
+  def per_sequence(self, fn):
+    """fn, independent across the batch axis (axis 0 of its arguments and results), run on each
+    device's own sequences under a sharding plan (XLA's partitioner would replicate some ops, e.g.
+    top-k, over a sharded batch); fn itself without a plan."""
+    return fn if self.sharding is None else self.sharding.per_sequence(fn)
+
   def replace(self, **changes) -> "RunOptions":
     return dataclasses.replace(self, **changes)
 

@@ -96,6 +96,7 @@ def expert_parallel_moe(plan, p: dict, cfg: ModelConfig, x: Float[Array, "b s d"
   """
   b, s, d = x.shape
   layout = expert_layout(plan, cfg, p["experts"])
+  x = plan.constrain(x, rules_lib.RESIDUAL)  # stops the token layout below from propagating into attention
   tokens = x.reshape(b * s, d)
   n = b * s
   per_device = -(-n // layout.token_shards)
@@ -113,7 +114,7 @@ def expert_parallel_moe(plan, p: dict, cfg: ModelConfig, x: Float[Array, "b s d"
   y = routed[:n]
   if "shared" in p:
     y = y + swiglu(p["shared"], tokens).astype(jnp.float32)
-  return y.astype(x.dtype).reshape(b, s, d)
+  return plan.constrain(y.astype(x.dtype).reshape(b, s, d), rules_lib.RESIDUAL)
 
 
 def _local_moe(x: Float[Array, "n d"], valid: Bool[Array, "n"], gate: dict, experts: dict, *, cfg: ModelConfig,

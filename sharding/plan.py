@@ -67,6 +67,14 @@ class ShardingPlan:
   def constrain(self, x, axes: Sequence[str | None]):
     return jax.lax.with_sharding_constraint(x, self.named(axes, x.shape))
 
+  def per_sequence(self, fn):
+    """fn run under shard_map on each device's own sequences: arguments and results split on axis 0
+    as the rules split ``batch``, replicated along the other mesh axes."""
+    def run(*args):
+      spec = self.spec(("batch",), args[0].shape[:1])
+      return jax.shard_map(fn, mesh=self.mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
+    return run
+
   @property
   def exchange(self) -> str:
     if self.expert_exchange != "auto":

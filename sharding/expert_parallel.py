@@ -22,7 +22,7 @@ logits, so no (token, expert) pair may be dropped. A fixed per-peer capacity tha
 ``tokens x min(top_k, experts per device)`` rows to *each* peer, ``n_ep`` times the traffic actually
 needed; the ragged collective sends exactly the routed rows. What stays static is the *receive* buffer:
 its worst case, ``n_ep x tokens x min(top_k, experts per device)`` rows, is memory, not traffic, and is
-bounded by dispatching at most ``expert_tokens_per_round`` tokens per device at a time. The usual case
+bounded by dispatching few enough tokens per device at a time (``ShardingPlan.expert_round_rows``). The usual case
 uses a smaller buffer (``expert_capacity_factor`` x the average share); whether any device of the mesh
 would overflow it is known from the count matrix before anything is sent (one scalar ``pmax``), and then
 every device takes the worst-case buffer for that round: exact always, small buffers when routing is
@@ -100,7 +100,7 @@ def expert_parallel_moe(plan, p: dict, cfg: ModelConfig, x: Float[Array, "b s d"
   tokens = x.reshape(b * s, d)
   n = b * s
   per_device = -(-n // layout.token_shards)
-  per_round = min(per_device, plan.expert_tokens_per_round)
+  per_round = min(per_device, tokens_per_round(cfg, layout.ep_size, plan.expert_round_rows))
   per_device = -(-per_device // per_round) * per_round
   padded = per_device * layout.token_shards
   valid = jnp.arange(padded) < n  # padding tokens are routed to no expert
@@ -158,6 +158,11 @@ def _dispatch_round(x: Float[Array, "n d"], valid: Bool[Array, "n"], *, gate: di
                                 capacity_factor=capacity_factor)
   weighted = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
   return jnp.zeros((n, d), jnp.float32).at[token].add(weighted)
+
+
+def tokens_per_round(cfg: ModelConfig, ep_size: int, round_rows: int) -> int:
+  """Tokens one device dispatches at once so that the worst-case receive buffer has at most round_rows rows."""
+  return max(1, round_rows // (ep_size * min(cfg.n_activated_experts, cfg.n_routed_experts // ep_size)))
 
 
 def receive_bounds(tokens: int, cfg: ModelConfig, ep_size: int, capacity_factor: float | None) -> tuple[int, int]:

@@ -32,7 +32,7 @@ MESH_AXES = ("data", "expert", "tensor")
 # Logical axes of activations and of the cache (parameters' are in dsv32_jax.params).
 RESIDUAL = ("batch", "sequence", "embed")
 TOKENS = ("batch", "sequence")
-LOGITS = ("batch", "vocab")
+LOGITS = (None, "vocab")  # split like the head that makes them (its weight dwarfs the hidden states)
 CACHE = {  # cache_lib.LayerCache fields: [layers, batch, slots, ...]
     "kv": ("layers", "batch", "cache_sequence", "kv_lora"),
     "k_pe": ("layers", "batch", "cache_sequence", "rope"),
@@ -48,7 +48,7 @@ DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("rope", ()),
     # parameters
     ("layers", ()),                  # the lax.scan axis
-    ("vocab", ("tensor",)),
+    ("vocab", ("tensor", "expert")),  # embedding and head rows; the head runs in float32
     ("embed", ()),                   # the residual stream is never split: every layer reads all of it
     ("q_lora", ()),
     ("kv_lora", ()),                 # the latent: one per token, shared by all heads

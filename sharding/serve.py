@@ -40,12 +40,14 @@ class ShardedStep:
     return self.fn.lower(*args)
 
 
-def _donate() -> tuple[int, ...]:
-  return () if jax.default_backend() == "cpu" else (3,)  # the cache (CPU buffers cannot be donated)
+def _donate(donate_cache: bool | None) -> tuple[int, ...]:
+  if donate_cache is None:  # the cache is updated in place, except on CPU (its buffers cannot be donated)
+    donate_cache = jax.default_backend() != "cpu"
+  return (3,) if donate_cache else ()
 
 
 def prefill_step(plan: ShardingPlan, cfg: ModelConfig, opts: RunOptions, params, cache, batch: int,
-                 seq: int) -> ShardedStep:
+                 seq: int, donate_cache: bool | None = None) -> ShardedStep:
   """(params, tokens [B,S], lengths [B], cache) -> (logits at each prompt's last token [B,V], cache)."""
   opts = with_plan(opts, plan)
   p_sh, c_sh = param_shardings(plan, cfg, params), cache_shardings(plan, cache)
@@ -57,10 +59,11 @@ def prefill_step(plan: ShardingPlan, cfg: ModelConfig, opts: RunOptions, params,
     return generate.prefill(params, cfg, opts, tokens, lengths, cache)
 
   ins, outs = (p_sh, tok_sh, len_sh, c_sh), (logits_sh, c_sh)
-  return ShardedStep(jax.jit(fn, in_shardings=ins, out_shardings=outs, donate_argnums=_donate()), ins, outs)
+  return ShardedStep(jax.jit(fn, in_shardings=ins, out_shardings=outs, donate_argnums=_donate(donate_cache)), ins, outs)
 
 
-def decode_step(plan: ShardingPlan, cfg: ModelConfig, opts: RunOptions, params, cache, batch: int) -> ShardedStep:
+def decode_step(plan: ShardingPlan, cfg: ModelConfig, opts: RunOptions, params, cache, batch: int,
+                donate_cache: bool | None = None) -> ShardedStep:
   """(params, token [B], position [B], cache) -> (logits [B,V], cache)."""
   opts = with_plan(opts, plan)
   p_sh, c_sh = param_shardings(plan, cfg, params), cache_shardings(plan, cache)
@@ -71,7 +74,7 @@ def decode_step(plan: ShardingPlan, cfg: ModelConfig, opts: RunOptions, params, 
     return generate.decode_step(params, cfg, opts, token, position, cache)
 
   ins, outs = (p_sh, vec_sh, vec_sh, c_sh), (logits_sh, c_sh)
-  return ShardedStep(jax.jit(fn, in_shardings=ins, out_shardings=outs, donate_argnums=_donate()), ins, outs)
+  return ShardedStep(jax.jit(fn, in_shardings=ins, out_shardings=outs, donate_argnums=_donate(donate_cache)), ins, outs)
 
 
 def put(x, sharding):

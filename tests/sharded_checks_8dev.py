@@ -100,10 +100,9 @@ def _most_rows_received(p, x, ep_size):
 
 
 @functools.lru_cache(maxsize=None)
-def moe_fns(capacity_factor: float, tokens_per_round: int):
+def moe_fns(capacity_factor: float, round_rows: int):
   """(reference MoE, expert-parallel MoE on an 8-way expert axis), jitted once per setting."""
-  plan = ShardingPlan(rules.make_mesh(1, 8, 1), expert_capacity_factor=capacity_factor,
-                      expert_tokens_per_round=tokens_per_round)
+  plan = ShardingPlan(rules.make_mesh(1, 8, 1), expert_capacity_factor=capacity_factor, expert_round_rows=round_rows)
   return (jax.jit(lambda p, x: moe.moe(p, CFG, x, impl="reference")),
           jax.jit(lambda p, x: plan.moe(p, CFG, x, impl="reference")))
 
@@ -112,7 +111,10 @@ def moe_fns(capacity_factor: float, tokens_per_round: int):
 def test_expert_parallel_moe_equals_reference_on_both_dispatch_paths(case):
   rng = np.random.default_rng(zlib.crc32(case.encode()))
   p, x = _moe_inputs(rng, (3, 32) if case != "rounds" else (3, 7), skew=case == "skewed")
-  reference_moe, parallel_moe = moe_fns(2.5, 4 if case == "rounds" else 2048)  # rounds: 21 tokens, 4 rounds of 1
+  # rounds: 21 tokens, 3 per device, dispatched one at a time (16 rows = 8 peers x 2 local experts per token)
+  reference_moe, parallel_moe = moe_fns(2.5, 16 if case == "rounds" else 65536)
+  if case == "rounds":
+    assert expert_parallel.tokens_per_round(CFG, 8, 16) == 1
   assert rel_err(parallel_moe(p, x), reference_moe(p, x)) < 1e-6
   if case != "rounds":  # 96 tokens: 12 per device, one round
     fast, worst = expert_parallel.receive_bounds(12, CFG, 8, 2.5)

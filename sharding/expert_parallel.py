@@ -28,6 +28,11 @@ would overflow it is known from the count matrix before anything is sent (one sc
 every device takes the worst-case buffer for that round: exact always, small buffers when routing is
 balanced.
 
+With experts split over ``expert_mlp`` too, each device's w2 output is a partial sum; the partial sums
+are reduced once per token after the combine (float32), not per row: with float32 activations this is
+the reference's arithmetic up to summation order; in bf16 the reference rounds each row's expert
+output to bf16 before weighting, this path rounds the reduced sum (one rounding fewer).
+
 XLA:CPU has no ragged all-to-all, so on CPU (tests, and as a fallback anywhere) the same exchange runs
 as ``dense_ragged_all_to_all``: an ``all_to_all`` of per-peer buffers padded to a bound that cannot
 overflow, each row carrying its destination offset. Both give identical results.
@@ -109,7 +114,7 @@ def expert_parallel_moe(plan, p: dict, cfg: ModelConfig, x: Float[Array, "b s d"
                             exchange=plan.exchange, capacity_factor=plan.expert_capacity_factor)
   routed = jax.shard_map(local, mesh=plan.mesh,
                          in_specs=(token_spec, token_spec, P(), layout.expert_specs),
-                         out_specs=token_spec, check_vma=False)(
+                         out_specs=token_spec, check_vma=False)(  # outputs equal over tp_axes: psum in _local_moe
       jnp.pad(tokens, ((0, padded - n), (0, 0))), valid, p["gate"], p["experts"])
   y = routed[:n]
   if "shared" in p:

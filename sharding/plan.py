@@ -1,8 +1,9 @@
 """A sharding plan (mesh + rules + expert-parallel settings) and the placement of parameters and caches.
 
-``ShardingPlan`` is what ``RunOptions.sharding`` holds: the model code asks it for two things only,
-``constrain`` (pin an activation to the rules' layout at a layer boundary) and ``moe`` (the
-expert-parallel MoE, ``sharding.expert_parallel``). Everything else -- where each parameter and cache
+``ShardingPlan`` is what ``RunOptions.sharding`` holds: the model code asks it for three things only,
+``constrain`` (pin an activation to the rules' layout at a layer boundary), ``per_sequence`` (run a
+row-independent op on each device's own sequences) and ``moe`` (the expert-parallel MoE,
+``sharding.expert_parallel``). Everything else -- where each parameter and cache
 array lives -- is derived here from the logical axes in ``dsv32_jax.params`` and ``sharding.rules``.
 """
 

@@ -91,7 +91,9 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
     idx = None
     if select:  # reference: indexer.index_logits / select_topk; the GPU and TPU kernels via the dispatch
       logits = dispatch.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, pos, impl=opts.kernels)
-      idx = dispatch.topk(logits, cfg.index_topk, pos + 1, impl=opts.kernels)  # keys past pos are -inf
+      # keys past pos are -inf; per sequence under a sharding plan (XLA would replicate top-k over a split batch)
+      idx = opts.per_sequence(lambda scores, n: dispatch.topk(scores, cfg.index_topk, n, impl=opts.kernels))(
+          logits, pos + 1)
       if not gather:
         visible = visible & selection_mask(idx, kv_len)
     if form == "naive":

@@ -24,18 +24,27 @@ from dsv32_jax.params import Params
 from dsv32_jax.rope import rope_angles
 
 
+RESIDUAL_AXES = ("batch", "sequence", "embed")  # logical axes of the residual stream [B, S, D]
+
+
 def residual_add(h, delta):
   return (h.astype(jnp.float32) + delta.astype(jnp.float32)).astype(h.dtype)
 
 
 def block(p: dict, cfg: ModelConfig, opts: RunOptions, h: Float[Array, "b s d"], cache, layer, start, kv_len: int,
           cos, sin, is_moe: bool):
-  """One decoder layer; returns (h, cache, the indexer's top-k indices or None)."""
+  """One decoder layer; returns (h, cache, the indexer's top-k indices or None).
+
+  Under a sharding plan (``opts.sharding``) the residual stream is pinned to the plan's layout at the
+  layer boundary and the MoE runs expert-parallel (the plan's ``moe``); without one, nothing changes.
+  """
+  h = opts.constrain(h, RESIDUAL_AXES)
   attn_out, cache, topk = attention(p["attn"], cfg, opts, rms_norm(h, p["attn_norm"], cfg.norm_eps), cache, layer,
                                     start, kv_len, cos, sin)
   h = residual_add(h, attn_out)
   x = rms_norm(h, p["ffn_norm"], cfg.norm_eps)
-  ffn_out = moe(p["ffn"], cfg, x, impl=opts.kernels) if is_moe else swiglu(p["ffn"], x)
+  moe_fn = moe if opts.sharding is None else opts.sharding.moe
+  ffn_out = moe_fn(p["ffn"], cfg, x, impl=opts.kernels) if is_moe else swiglu(p["ffn"], x)
   return residual_add(h, ffn_out), cache, topk
 
 

@@ -48,6 +48,14 @@ def grouped_linear(p: dict, rows: Float[Array, "m i"], group_sizes: Int[Array, "
   return dispatch.grouped_matmul(xq, w, group_sizes, impl=impl).astype(rows.dtype)
 
 
+def grouped_swiglu(p: dict, rows: Float[Array, "m d"], group_sizes: Int[Array, "e"], impl: str) -> Float[Array, "m d"]:
+  """Each expert's SwiGLU on its rows (sorted by expert); also what each device runs under expert parallelism."""
+  gate = grouped_linear(p["w1"], rows, group_sizes, impl).astype(jnp.float32)
+  up = grouped_linear(p["w3"], rows, group_sizes, impl).astype(jnp.float32)
+  hidden = (jax.nn.silu(gate) * up).astype(rows.dtype)
+  return grouped_linear(p["w2"], hidden, group_sizes, impl)
+
+
 def routed_experts(p: dict, cfg: ModelConfig, x: Float[Array, "n d"], weights: Float[Array, "n k"],
                    idx: Int[Array, "n k"], impl: str = "auto") -> Float[Array, "n d"]:
   """sum_k weights[:, k] * expert_{idx[:, k]}(x), in float32, as one grouped matmul per projection."""
@@ -58,11 +66,7 @@ def routed_experts(p: dict, cfg: ModelConfig, x: Float[Array, "n d"], weights: F
   order = jnp.argsort(flat, stable=True)              # (token, slot) pairs sorted by expert
   token = order // k
   group_sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
-  rows = x[token]
-  gate = grouped_linear(p["w1"], rows, group_sizes, impl).astype(jnp.float32)
-  up = grouped_linear(p["w3"], rows, group_sizes, impl).astype(jnp.float32)
-  hidden = (jax.nn.silu(gate) * up).astype(x.dtype)
-  out = grouped_linear(p["w2"], hidden, group_sizes, impl)
+  out = grouped_swiglu(p, x[token], group_sizes, impl)
   weighted = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
   return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(weighted)
 

@@ -6,6 +6,7 @@ Static (hashable) settings passed to jitted functions; they never change the par
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -24,6 +25,8 @@ class RunOptions:
   decode_selection: str = "gather"          # gathering 2048 rows beats masking 128K at decode
   query_chunk: int = 256                    # queries per block when scoring and attending (bounds memory)
   kernels: str = "auto"                     # "auto" | "reference" | "pallas": see pallas_kernels.dispatch
+  sharding: Any = None                      # a sharding.ShardingPlan (mesh + logical-axis rules + expert
+                                            # parallelism); None runs unsharded, the reference path
 
   def __post_init__(self):
     if self.dtype not in ("bfloat16", "float32"):
@@ -46,6 +49,16 @@ class RunOptions:
   @property
   def jnp_dtype(self):
     return jnp.dtype(self.dtype)
+
+  def constrain(self, x, axes: tuple[str | None, ...]):
+    """x laid out as the sharding plan's rules place these logical axes (no-op without a plan)."""
+    return x if self.sharding is None else self.sharding.constrain(x, axes)
+
+  def per_sequence(self, fn):
+    """fn, independent across the batch axis (axis 0 of its arguments and results), run on each
+    device's own sequences under a sharding plan (XLA's partitioner would replicate some ops, e.g.
+    top-k, over a sharded batch); fn itself without a plan."""
+    return fn if self.sharding is None else self.sharding.per_sequence(fn)
 
   def replace(self, **changes) -> "RunOptions":
     return dataclasses.replace(self, **changes)

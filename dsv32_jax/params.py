@@ -17,8 +17,9 @@ matmuls want it. Routed experts are stacked on a leading ``experts`` axis for th
 layers on a leading ``layers`` axis for ``jax.lax.scan``.
 
 Logical axis names (mapped to mesh axes by ``sharding``) name what an axis *is*: ``vocab``,
-``embed``, ``mlp``, ``experts``, ``expert_mlp``, ``q_lora``, ``kv_lora``, ``q_heads`` (heads x
-qk dim, flattened as stored), ``kv_heads``, ``o_heads``, ``index_heads``, ``index_dim``, ``layers``.
+``embed``, ``mlp``, ``experts``, ``expert_mlp``, ``router`` (the gate's expert scores), ``q_lora``,
+``kv_lora``, ``q_heads`` (heads x qk dim, flattened as stored), ``kv_heads``, ``o_heads``,
+``index_heads``, ``index_n_heads``, ``index_dim``, ``layers``.
 """
 
 from __future__ import annotations
@@ -88,8 +89,10 @@ def moe_specs(cfg: ModelConfig) -> dict[str, Any]:
   experts = {name: {"weight": spec["weight"].stacked(e, "experts")}
              for name, spec in _swiglu(cfg.moe_inter_dim, cfg, "expert_mlp").items()}
   tree = {
-      "gate": {"weight": ParamSpec((e, cfg.dim), ("experts", "embed")),
-               "bias": ParamSpec((e,), ("experts",), init="bias")},
+      # the router's expert axis is not the experts' stacking axis: every device routes its own tokens
+      # over all experts, while the experts' weights are split between devices
+      "gate": {"weight": ParamSpec((e, cfg.dim), ("router", "embed")),
+               "bias": ParamSpec((e,), ("router",), init="bias")},
       "experts": experts,
   }
   if cfg.n_shared_experts:

@@ -334,7 +334,11 @@ def convert_hf_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, weights: str
     partial.mkdir(parents=True)
     resume = False
   lock_fd = _lock(partial)
-  journal = _Journal(partial, src, resume)
+  try:
+    journal = _Journal(partial, src, resume)
+  except BaseException:
+    os.close(lock_fd)
+    raise
   hasher = _Hasher(src, journal)
   try:
     _check_disk_space(partial, src, journal.done)
@@ -370,6 +374,9 @@ def convert_hf_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, weights: str
     handles.close()
     del stores
     _write_final_files(partial, src, file_hashes, init_ns)
+  except CheckpointError as e:
+    raise CheckpointError(f"{e}\n(what was converted is kept in {partial}: fix the source and rerun with --resume "
+                          "to convert only what is missing, or delete it)") from None
   finally:
     hasher.close()
     journal.close()

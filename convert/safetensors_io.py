@@ -37,6 +37,8 @@ for _name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
+RECYCLE_BYTES = 64 << 20  # ShardHandles reopens a shard after this many bytes read through one handle
+
 # safetensors' dtype names -> numpy dtypes (the ones a DeepSeek checkpoint can hold)
 SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
@@ -228,7 +230,7 @@ class ShardHandles:
   of shards the reader has moved past.
   """
 
-  def __init__(self, hf_dir: str | Path, recycle_bytes: int = 256 << 20):
+  def __init__(self, hf_dir: str | Path, recycle_bytes: int = RECYCLE_BYTES):
     self.dir = Path(hf_dir)
     self.recycle_bytes = recycle_bytes
     self._lock = threading.Lock()

@@ -80,11 +80,24 @@ def step_read(args) -> dict:
   return {"seconds": time.perf_counter() - t0, "bytes": n}
 
 
+def current_rss_bytes() -> int:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def vm_peak_bytes() -> int:
+  with open("/proc/self/status") as f:
+    line = next(line for line in f if line.startswith("VmPeak:"))
+  return int(line.split()[1]) * 1024
+
+
 def step_convert(args) -> dict:
   from convert.converter import convert_hf_checkpoint, read_source
   plan = read_source(args.hf, args.weights).plan
+  baseline = current_rss_bytes()  # everything imported, the plan made
   r = convert_hf_checkpoint(args.hf, args.ckpt, weights=args.weights, workers=args.workers, progress=False)
-  return {"seconds": r.seconds, "bytes": r.bytes_read, "tensors": r.tensors,
+  return {"seconds": r.seconds, "bytes": r.bytes_read, "tensors": r.tensors, "baseline_rss_bytes": baseline,
+          "vm_peak_bytes": vm_peak_bytes(),
           "largest_tensor_bytes": max(j.source.nbytes for j in plan.jobs),
           "largest_slice_bytes": plan.largest_slice_bytes,
           "output_bytes": sum(leaf.nbytes for leaf in plan.leaves)}

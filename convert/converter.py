@@ -55,7 +55,7 @@ LOCK_FILE = ".lock"
 PLAN_FILE = "plan.json"
 DONE_FILE = "done.log"
 HASHES_FILE = "hashes.jsonl"
-COPY_CHECK_BLOCK_BYTES = 64 << 20
+COPY_CHECK_BLOCK_BYTES = 8 << 20
 DEFAULT_WORKERS = 4
 
 

@@ -343,3 +343,20 @@ def test_restore_into_an_8_device_mesh_equals_single_device(converted):
   assert proc.returncode == 0, proc.stderr[-3000:]
   _, n, split = proc.stdout.split()
   assert int(n) > 100 and int(split) > int(n) // 2
+
+
+def test_plan_of_the_671b_release_from_its_headers():
+  """Every name of the released checkpoint (MTP layer 61, indexer, 256 experts x 58 layers) maps, from
+  headers alone; the stacked experts show why conversion must write slice by slice."""
+  from convert.init_random import release_tensor_specs
+  from convert.plan import plan_conversion
+  from convert.safetensors_io import TensorHeader
+  cfg = preset("v32-671b")
+  headers = {n: TensorHeader(n, "model-00001-of-00163.safetensors", s, d) for n, s, d in release_tensor_specs(cfg)}
+  assert len(headers) == 92425 and 689e9 < sum(h.nbytes for h in headers.values()) < 690e9
+  plan = plan_conversion(cfg, headers, "fp8")
+  assert len(plan.jobs) + len(plan.copy_checks) == len(headers) and not plan.dropped_mtp
+  experts = plan.leaf(("moe_layers", "ffn", "experts", "w1", "weight"))
+  assert experts.shape == (58, 256, 2048, 7168) and experts.slice_shape == (1, 1, 2048, 7168)
+  assert plan.leaf(("mtp", "block", "attn", "indexer", "wq_b", "scale")).shape == (1, 64, 12)
+  assert plan.largest_slice_bytes == 129280 * 7168 * 2

@@ -8,10 +8,11 @@ checkpoint, streamed tensor by tensor, in bounded memory, resumable, finalised a
    tensor whose slice is committed) and ``hashes.jsonl`` (sha256 per shard). Nothing is ever written at
    CKPT_DIR itself until the end.
 3. **Stream** the jobs in source order, ``workers`` at a time: read the tensor (``ShardHandles``),
-   check it, keep it or dequantise it, write it into its slice of the output array (``orbax_layout``),
-   wait for the commit, append its name to ``done.log``. A background thread hashes each shard while
-   its tensors are converted.
-4. **Check** the MTP layer's copies of the embedding and head against what was written (row blocks).
+   check it, keep it or dequantise it, write it into its slice of the output array (``orbax_layout``).
+   Jobs are committed in groups of ~32 MiB (one TensorStore transaction each, committed while the next
+   group is written); once a group's commit is durable its names go to ``done.log``. A background thread
+   hashes each shard while its tensors are converted.
+4. **Check** the MTP layer's copies of the embedding and head against the main ones (row blocks).
 5. **Finalise**: Orbax's metadata files, ``config.json``, ``source_index.json``, ``dsv32_meta.json``
    (written last), fsync, then one ``rename`` of the partial directory to CKPT_DIR. A checkpoint
    without ``dsv32_meta.json`` or Orbax's ``_METADATA`` does not load, so no interrupted run can leave
@@ -21,11 +22,12 @@ checkpoint, streamed tensor by tensor, in bounded memory, resumable, finalised a
 shard whose size or mtime changed since (a re-download) are redone. Slice writes are idempotent, so a
 tensor that was written but not yet logged when the process died is simply written again.
 
-**Memory.** Nothing is held beyond the jobs in flight: each holds one source tensor and its output slice
-(plus, for ``--weights bf16``, a float32 block row). TensorStore holds a slice until it is committed;
-mapped source pages are bounded by ``ShardHandles``' recycling. Peak RSS is therefore
-``baseline + c * workers * largest tensor``, independent of the number of tensors, layers or experts;
-the README states the measured constants (``tests/test_convert_memory.py`` checks them).
+**Memory.** Nothing is held beyond two commit groups (the one being committed and the one being
+written: 2 x (32 MiB + one slice)) and the ``workers`` jobs running (one source tensor and its output
+slice each, plus a float32 block row for ``--weights bf16``); mapped source pages are bounded by
+``ShardHandles``' recycling, the OCDBT node cache by ``orbax_layout.ts_context``. Peak RSS is therefore
+a constant plus a small multiple of the largest slice, independent of the number of tensors, layers or
+experts; the README states the measured bound (``tests/test_convert_memory.py`` checks it).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import tensorstore as ts
 from tqdm.auto import tqdm
 
 from convert import orbax_layout
@@ -56,6 +59,8 @@ PLAN_FILE = "plan.json"
 DONE_FILE = "done.log"
 HASHES_FILE = "hashes.jsonl"
 COPY_CHECK_BLOCK_BYTES = 8 << 20
+GROUP_BYTES = 32 << 20      # a commit group: tensors written in one TensorStore transaction
+GROUP_TENSORS = 256
 DEFAULT_WORKERS = 4
 
 
@@ -184,9 +189,9 @@ class _Journal:
     self._done_fd = os.open(partial / DONE_FILE, os.O_WRONLY | os.O_APPEND)
     self._hash_fd = os.open(partial / HASHES_FILE, os.O_WRONLY | os.O_APPEND)
 
-  def mark_done(self, name: str) -> None:
-    os.write(self._done_fd, (name + "\n").encode())
-    self.done.add(name)
+  def mark_done(self, names: list[str]) -> None:
+    os.write(self._done_fd, "".join(n + "\n" for n in names).encode())
+    self.done.update(names)
 
   def mark_hashed(self, file: str, sha256: str) -> None:
     size, mtime = self.identity[file]
@@ -226,19 +231,20 @@ def _job_bytes(job: TensorJob) -> int:
   return job.source.nbytes + (job.dequant_scale.nbytes if job.dequant_scale else 0)
 
 
-def _check_copies(src: SourceCheckpoint, handles: ShardHandles, stores: dict) -> None:
-  """The MTP layer's embedding and head must equal the main model's (which we keep once)."""
+def _check_copies(src: SourceCheckpoint, handles: ShardHandles) -> None:
+  """The MTP layer's embedding and head must equal the main model's (which we keep once). Compared in
+  the source, row block by row block (the main tensor was written bit for bit; verify checks that)."""
+  originals = {job.leaf: job.source for job in src.plan.jobs if job.index == ()}
   for check in src.plan.copy_checks:
-    h = check.source
-    row_bytes = max(1, h.nbytes // h.shape[0])
-    rows = max(1, COPY_CHECK_BLOCK_BYTES // row_bytes)
+    h, original = check.source, originals[check.leaf]
+    rows = max(1, COPY_CHECK_BLOCK_BYTES // max(1, h.nbytes // h.shape[0]))
     for r0 in range(0, h.shape[0], rows):
       r1 = min(h.shape[0], r0 + rows)
-      copy = handles.get_rows(h, r0, r1)
-      ours = stores[check.leaf][r0:r1].read().result()
-      if not np.array_equal(copy.view(np.uint8), ours.view(np.uint8)):
+      if not np.array_equal(handles.get_rows(h, r0, r1).view(np.uint8),
+                            handles.get_rows(original, r0, r1).view(np.uint8)):
         raise CheckpointError(f"{src.dir}/{h.file}: '{h.name}' differs from the main model's {check.leaf[0]} "
-                              f"(rows {r0}..{r1}); the MTP module is expected to share them")
+                              f"'{original.name}' ({original.file}), rows {r0}..{r1}; the MTP module is expected "
+                              "to share them")
 
 
 def _write_final_files(partial: Path, src: SourceCheckpoint, hashes: dict[str, str], init_ns: int) -> None:
@@ -309,6 +315,66 @@ def _stream(jobs: list[TensorJob], run: Callable[[TensorJob], TensorJob], worker
       raise
 
 
+def commit_groups(jobs: list[TensorJob], max_bytes: int = GROUP_BYTES,
+                  max_tensors: int = GROUP_TENSORS) -> list[list[TensorJob]]:
+  """Consecutive jobs, cut when a group reaches `max_bytes` of output or `max_tensors` tensors."""
+  groups: list[list[TensorJob]] = []
+  size = 0
+  for job in jobs:
+    if not groups or size >= max_bytes or len(groups[-1]) >= max_tensors:
+      groups.append([])
+      size = 0
+    groups[-1].append(job)
+    size += job.source.nbytes * (2 if job.dequant_scale is not None else 1)  # the output slice's bytes
+  return groups
+
+
+def _write_in_groups(groups: list[list[TensorJob]], write: Callable[[TensorJob, ts.Transaction], None], workers: int,
+                     on_start_group: Callable[[list[TensorJob]], None],
+                     on_committed: Callable[[list[TensorJob]], None]) -> None:
+  """Writes each group in one TensorStore transaction, its jobs `workers` at a time, and commits it while
+  the next group is being written; `on_committed(group)` runs (in this thread) once its commit is durable.
+
+  One OCDBT commit rewrites the B-tree's root leaf, which holds every key so far (Orbax's node size);
+  a commit per tensor made the cost quadratic in the number of tensors (41k tensors: 316 s of commits
+  against 7 s in groups). A transaction holds its writes until committed: memory is two groups.
+  On an error or an interrupt the running jobs finish, the open group is dropped (``--resume`` redoes it)
+  and the commits already under way complete and are reported.
+  """
+  committing: list[tuple[ts.Future, list[TensorJob]]] = []
+
+  def settle(keep: int) -> None:
+    while len(committing) > keep:
+      future, group = committing.pop(0)
+      future.result()
+      on_committed(group)
+
+  with ThreadPoolExecutor(workers, thread_name_prefix="convert") as pool:
+    try:
+      for group in groups:
+        on_start_group(group)
+        txn = ts.Transaction()
+        futures = [pool.submit(write, job, txn) for job in group]
+        try:
+          for f in futures:
+            f.result()
+        except BaseException:
+          for f in futures:
+            f.cancel()
+          wait(futures)
+          txn.abort()
+          raise
+        committing.append((txn.commit_async(), group))
+        settle(keep=1)
+      settle(keep=0)
+    except BaseException:
+      try:
+        settle(keep=0)
+      except BaseException:
+        pass
+      raise
+
+
 def convert_hf_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, weights: str = "fp8", workers: int = DEFAULT_WORKERS,
                           resume: bool = False, progress: bool = True,
                           on_tensor_done: Callable[[str], None] | None = None) -> ConversionResult:
@@ -317,7 +383,7 @@ def convert_hf_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, weights: str
   Raises CheckpointError / ConfigError (bad source: nothing written), FileExistsError (ckpt_dir exists,
   or an interrupted conversion is there and `resume` is False). An interrupted or failed run leaves
   ``ckpt_dir.partial``; ``resume=True`` continues it (and starts afresh when there is none).
-  `on_tensor_done(name)` is called after each tensor's slice is committed and logged.
+  `on_tensor_done(name)` is called after each tensor's slice is committed and logged (a group at a time).
   """
   t_start = time.perf_counter()
   init_ns = time.time_ns()
@@ -349,28 +415,31 @@ def convert_hf_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, weights: str
     handles = ShardHandles(src.dir)
     source = str(src.dir)
 
-    def run(job: TensorJob) -> TensorJob:
+    def write(job: TensorJob, txn: ts.Transaction) -> None:
       array = job_output(job, handles.get, source)
-      stores[job.leaf][job.index].write(array, can_reference_source_data_indefinitely=True).result()
-      return job
+      stores[job.leaf].with_transaction(txn)[job.index].write(
+          array, can_reference_source_data_indefinitely=True).result()
 
     with tqdm(total=total, initial=total - sum(_job_bytes(j) for j in todo), unit="B", unit_scale=True,
               unit_divisor=1024, smoothing=0.05, desc="convert", disable=not progress, dynamic_ncols=True) as bar:
-      def start_file(file: str) -> None:
-        handles.keep_only({file})
-        hasher.start(file)
-        bar.set_postfix_str(file, refresh=False)
+      def start_group(group: list[TensorJob]) -> None:
+        files = {job.source.file for job in group}  # the previous group's reads are all done
+        handles.keep_only(files)
+        for file in sorted(files):
+          hasher.start(file)
+        bar.set_postfix_str(group[-1].source.file, refresh=False)
 
-      def done(job: TensorJob) -> None:
-        journal.mark_done(job.source.name)
-        bar.update(_job_bytes(job))
+      def committed(group: list[TensorJob]) -> None:
+        journal.mark_done([job.source.name for job in group])
+        bar.update(sum(_job_bytes(job) for job in group))
         if on_tensor_done:
-          on_tensor_done(job.source.name)
+          for job in group:
+            on_tensor_done(job.source.name)
 
-      _stream(todo, run, workers, start_file, done)
+      _write_in_groups(commit_groups(todo), write, workers, start_group, committed)
     handles.keep_only(set())
     file_hashes = hasher.finish(progress)
-    _check_copies(src, handles, stores)
+    _check_copies(src, handles)
     handles.close()
     del stores
     _write_final_files(partial, src, file_hashes, init_ns)

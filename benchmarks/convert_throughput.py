@@ -11,6 +11,8 @@ pages too) is its own:
 
   read     the raw safetensors read speed of the same files: every tensor through
            ``safe_open(...).get_tensor``, shard after shard, one thread (what any loader must do)
+  copy     the I/O floor of any converter: the shards' bytes read and written (8 MiB blocks) to the
+           output's file system, fsynced
   convert  ``convert_hf_checkpoint``, end to end: headers, plan, streaming, sha256 of every shard,
            Orbax metadata, fsync of the output, rename
 
@@ -91,6 +93,23 @@ def vm_peak_bytes() -> int:
   return int(line.split()[1]) * 1024
 
 
+def step_copy(args) -> dict:
+  """The I/O floor of any converter: every shard's bytes read and written through user space (8 MiB
+  blocks) to the output's file system, then fsynced -- what a conversion must do at least."""
+  out = Path(args.ckpt)
+  out.mkdir(parents=True)
+  buf = bytearray(8 << 20)
+  t0 = time.perf_counter()
+  n = 0
+  for f in shard_files(Path(args.hf)):
+    with open(f, "rb", buffering=0) as src, open(out / f.name, "wb", buffering=0) as dst:
+      while k := src.readinto(buf):
+        dst.write(memoryview(buf)[:k])
+        n += k
+      os.fsync(dst.fileno())
+  return {"seconds": time.perf_counter() - t0, "bytes": n}
+
+
 def step_convert(args) -> dict:
   from convert.converter import convert_hf_checkpoint, read_source
   plan = read_source(args.hf, args.weights).plan
@@ -103,7 +122,7 @@ def step_convert(args) -> dict:
           "output_bytes": sum(leaf.nbytes for leaf in plan.leaves)}
 
 
-STEPS = {"write": step_write, "read": step_read, "convert": step_convert}
+STEPS = {"write": step_write, "read": step_read, "copy": step_copy, "convert": step_convert}
 
 
 def run_step(step: str, **kw) -> dict:
@@ -133,6 +152,8 @@ def main(argv=None) -> None:
   parser.add_argument("--cache", choices=["warm", "cold", "both"], default="both")
   parser.add_argument("--repeats", type=int, default=2, help="runs of each measurement (the best is reported)")
   parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint")
+  parser.add_argument("--ckpt-parent", help="where to write the converted checkpoint (default: the workdir; "
+                                             "/dev/shm takes the disk's write speed out of the measurement)")
   parser.add_argument("--out", help="also write the summary JSON here")
   args = parser.parse_args(argv)
   if args.cmd == "step":
@@ -141,24 +162,27 @@ def main(argv=None) -> None:
     return
 
   work = Path(args.workdir)
-  hf, ckpt = work / "hf", work / "ckpt"
+  hf = work / "hf"
+  ckpt = Path(args.ckpt_parent or work) / "dsv32-bench-ckpt"
   work.mkdir(parents=True, exist_ok=True)
   if not (hf / "config.json").exists():
     shutil.rmtree(hf, ignore_errors=True)
     print(f"writing a synthetic checkpoint with {args.experts} experts per layer -> {hf}", flush=True)
     run_step("write", hf=hf, experts=args.experts)
-  summary = {"experts": args.experts, "workers": args.workers, "weights": args.weights,
+  summary = {"experts": args.experts, "workers": args.workers, "weights": args.weights, "ckpt": str(ckpt),
+             "load_average": os.getloadavg(),
              "source_bytes": sum(f.stat().st_size for f in shard_files(hf)), "runs": {}}
   for cache in (["warm", "cold"] if args.cache == "both" else [args.cache]):
-    runs = {"read": [], "convert": []}
+    runs = {"read": [], "copy": [], "convert": []}
     for _ in range(args.repeats):
-      for step in ("read", "convert"):
+      for step in ("read", "copy", "convert"):
         shutil.rmtree(ckpt, ignore_errors=True)
         if cache == "cold":
           drop_from_page_cache(shard_files(hf))
         else:
           run_step("read", hf=hf)  # bring the shards into the page cache
-        kw = dict(hf=hf) if step == "read" else dict(hf=hf, ckpt=ckpt, workers=args.workers, weights=args.weights)
+        kw = dict(hf=hf) if step == "read" else dict(hf=hf, ckpt=ckpt) if step == "copy" else \
+            dict(hf=hf, ckpt=ckpt, workers=args.workers, weights=args.weights)
         r = run_step(step, **kw)
         r["gb_per_s"] = r["bytes"] / r["seconds"] / 1e9
         runs[step].append(r)
@@ -169,7 +193,9 @@ def main(argv=None) -> None:
     summary["runs"][cache] = {
         "read_gb_per_s": best["read"]["gb_per_s"],
         "convert_gb_per_s": conv["gb_per_s"],
+        "copy_gb_per_s": best["copy"]["gb_per_s"],
         "ratio": conv["gb_per_s"] / best["read"]["gb_per_s"],
+        "ratio_to_copy": conv["gb_per_s"] / best["copy"]["gb_per_s"],
         "convert_peak_rss_mib": max(r["peak_rss_bytes"] for r in runs["convert"]) / 2**20,
         "read_peak_rss_mib": max(r["peak_rss_bytes"] for r in runs["read"]) / 2**20,
         "largest_tensor_mib": conv["largest_tensor_bytes"] / 2**20,
@@ -182,8 +208,9 @@ def main(argv=None) -> None:
   if args.out:
     Path(args.out).write_text(text)
   for cache, r in summary["runs"].items():
-    print(f"{cache}: read {r['read_gb_per_s']:.2f} GB/s, convert {r['convert_gb_per_s']:.2f} GB/s "
-          f"({100 * r['ratio']:.0f}%), convert peak RSS {r['convert_peak_rss_mib']:.0f} MiB, "
+    print(f"{cache}: read {r['read_gb_per_s']:.2f} GB/s, copy {r['copy_gb_per_s']:.2f} GB/s, convert "
+          f"{r['convert_gb_per_s']:.2f} GB/s ({100 * r['ratio']:.0f}% of read, {100 * r['ratio_to_copy']:.0f}% of copy), "
+          f"convert peak RSS {r['convert_peak_rss_mib']:.0f} MiB, "
           f"largest tensor {r['largest_tensor_mib']:.0f} MiB")
 
 

@@ -32,6 +32,7 @@ experts; the README states the measured bound (``tests/test_convert_memory.py`` 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
 import fcntl
@@ -62,6 +63,21 @@ COPY_CHECK_BLOCK_BYTES = 8 << 20
 GROUP_BYTES = 32 << 20      # a commit group: tensors written in one TensorStore transaction
 GROUP_TENSORS = 256
 DEFAULT_WORKERS = 4
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def return_large_buffers_to_the_os() -> None:
+  """Pins glibc's mmap threshold at 1 MiB (process-wide; a no-op without glibc).
+
+  glibc raises that threshold each time a large mmapped block is freed (up to 32 MiB); blocks below it
+  then come from the per-thread heap arenas and stay there after ``free``. With tensor-sized buffers
+  allocated and freed by many threads, RSS crept up by ~30 MB per GB converted (measured on 3.4 GB);
+  with the threshold pinned every such buffer is an mmap that ``free`` returns, and RSS stays flat.
+  """
+  try:
+    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+  except (OSError, AttributeError):
+    pass
 
 
 def converter_version() -> str:
@@ -387,6 +403,7 @@ def convert_hf_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, weights: str
   """
   t_start = time.perf_counter()
   init_ns = time.time_ns()
+  return_large_buffers_to_the_os()
   if workers < 1:
     raise ValueError(f"--workers {workers}: expected at least 1")
   final = Path(ckpt_dir).absolute()

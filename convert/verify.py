@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from convert import orbax_layout
 from convert.checkpoint import check_checkpoint_dir, load_config
-from convert.converter import DEFAULT_WORKERS, _job_bytes, _stream, read_source
+from convert.converter import DEFAULT_WORKERS, _job_bytes, _stream, read_source, return_large_buffers_to_the_os
 from convert.plan import TensorJob, job_output
 from convert.safetensors_io import ShardHandles, file_sha256
 
@@ -56,6 +56,7 @@ def _differs(expected: np.ndarray, actual: np.ndarray) -> str | None:
 def verify_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, workers: int = DEFAULT_WORKERS,
                       progress: bool = True) -> VerifyReport:
   t0 = time.perf_counter()
+  return_large_buffers_to_the_os()
   ckpt = check_checkpoint_dir(ckpt_dir)
   meta = json.loads((ckpt / orbax_layout.META_FILE).read_text())
   src = read_source(hf_dir, meta["weights"])

@@ -42,7 +42,7 @@ import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import tensorstore as ts
@@ -54,6 +54,7 @@ from convert.safetensors_io import (INDEX_FILE, CheckpointError, ShardHandles, S
                                     read_source_index)
 from dsv32_jax.config import ModelConfig
 
+T = TypeVar("T")
 PARTIAL_SUFFIX = ".partial"
 LOCK_FILE = ".lock"
 PLAN_FILE = "plan.json"
@@ -243,7 +244,7 @@ def _check_disk_space(partial: Path, src: SourceCheckpoint, done: set[str]) -> N
                           f"{free / 1e9:.1f} GB are free on that file system")
 
 
-def _job_bytes(job: TensorJob) -> int:
+def job_source_bytes(job: TensorJob) -> int:
   return job.source.nbytes + (job.dequant_scale.nbytes if job.dequant_scale else 0)
 
 
@@ -297,8 +298,8 @@ def _write_final_files(partial: Path, src: SourceCheckpoint, hashes: dict[str, s
   (partial / orbax_layout.META_FILE).write_text(json.dumps(meta, indent=2))
 
 
-def _stream(jobs: list[TensorJob], run: Callable[[TensorJob], TensorJob], workers: int,
-            on_start_file: Callable[[str], None], on_done: Callable[[TensorJob], None]) -> None:
+def stream_jobs(jobs: list[TensorJob], run: Callable[[TensorJob], T], workers: int,
+                on_start_file: Callable[[str], None], on_done: Callable[[T], None]) -> None:
   """Runs the jobs in order, at most `workers` at a time; `on_done` in the calling thread, as each
   finishes. On an error or an interrupt, the writes already running are finished (and reported) first."""
   with ThreadPoolExecutor(workers, thread_name_prefix="convert") as pool:
@@ -428,7 +429,7 @@ def convert_hf_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, weights: str
     stores = orbax_layout.open_for_write(partial / orbax_layout.PARAMS_DIR, src.plan.leaves,
                                          orbax_layout.ts_context())
     todo = [j for j in src.plan.jobs if j.source.name not in journal.done]
-    total = sum(_job_bytes(j) for j in src.plan.jobs)
+    total = sum(job_source_bytes(j) for j in src.plan.jobs)
     handles = ShardHandles(src.dir)
     source = str(src.dir)
 
@@ -437,7 +438,7 @@ def convert_hf_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, weights: str
       stores[job.leaf].with_transaction(txn)[job.index].write(
           array, can_reference_source_data_indefinitely=True).result()
 
-    with tqdm(total=total, initial=total - sum(_job_bytes(j) for j in todo), unit="B", unit_scale=True,
+    with tqdm(total=total, initial=total - sum(job_source_bytes(j) for j in todo), unit="B", unit_scale=True,
               unit_divisor=1024, smoothing=0.05, desc="convert", disable=not progress, dynamic_ncols=True) as bar:
       def start_group(group: list[TensorJob]) -> None:
         files = {job.source.file for job in group}  # the previous group's reads are all done
@@ -448,7 +449,7 @@ def convert_hf_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, weights: str
 
       def committed(group: list[TensorJob]) -> None:
         journal.mark_done([job.source.name for job in group])
-        bar.update(sum(_job_bytes(job) for job in group))
+        bar.update(sum(job_source_bytes(job) for job in group))
         if on_tensor_done:
           for job in group:
             on_tensor_done(job.source.name)
@@ -474,24 +475,26 @@ def convert_hf_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, weights: str
     raise FileExistsError(f"{final}: appeared during the conversion; the converted checkpoint is left at {partial}")
   partial.rename(final)
   orbax_layout.fsync_dir(final.parent)
-  return ConversionResult(final, len(todo), len(src.plan.jobs) - len(todo), sum(_job_bytes(j) for j in todo),
+  return ConversionResult(final, len(todo), len(src.plan.jobs) - len(todo), sum(job_source_bytes(j) for j in todo),
                           time.perf_counter() - t_start)
 
 
 class _Hasher:
-  """sha256 of every shard on a background thread, started when the converter reaches the shard (so that
-  it reads pages the converter has just brought into the page cache), at most two shards ahead."""
+  """sha256 of every shard on background threads (one per two cores, at most 4), started when the
+  converter reaches the shard, so that they read pages it has just brought into the page cache; the
+  converter waits when they fall more than one shard per thread behind."""
 
   def __init__(self, src: SourceCheckpoint, journal: _Journal):
     self.src, self.journal = src, journal
-    self.pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+    self.threads = max(1, min(4, (os.cpu_count() or 2) // 2))
+    self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="sha256")
     self.futures: dict[str, Future] = {}
 
   def start(self, file: str) -> None:
     if file in self.journal.hashes or file in self.futures:
       return
     pending = [f for f in self.futures.values() if not f.done()]
-    if len(pending) >= 2:
+    if len(pending) > self.threads:
       pending[0].result()
     self.futures[file] = self.pool.submit(self._hash, file)
 

@@ -17,9 +17,10 @@ expert) at a time, which Orbax's save API does not offer; TensorStore, which Orb
 So we create every array up front with Orbax's own TensorStore spec (``ArrayWriteSpec``: zarr3 with
 the ``sharding_indexed`` codec inside one OCDBT database, the file layout, chunk and OCDBT options it
 uses) and pass it ``write_shape`` = one slice. Chunks then divide a slice and never straddle two, so
-each slice is written by one aligned, independent TensorStore write (no read-modify-write), and
-concurrent writes land in one OCDBT commit. Each write is committed when its future resolves: that is
-what makes ``--resume`` exact. When every slice is written we write Orbax's metadata with Orbax's own
+each slice is written by one aligned, independent TensorStore write (no read-modify-write); the
+converter groups ~32 MiB of such writes in one TensorStore transaction, i.e. one OCDBT commit, and
+logs them as done once the commit has resolved: that is what makes ``--resume`` exact. When every
+slice is written we write Orbax's metadata with Orbax's own
 classes (``InternalTreeMetadata`` -> ``_METADATA``, the ``array_metadatas`` store, ``StepMetadata`` ->
 ``_CHECKPOINT_METADATA``). The result is what ``StandardCheckpointer(use_zarr3=True)`` leaves after its
 OCDBT merge, with two differences: one OCDBT database written directly (Orbax writes one per process

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from convert import orbax_layout
 from convert.checkpoint import check_checkpoint_dir, load_config
-from convert.converter import DEFAULT_WORKERS, _job_bytes, _stream, read_source, return_large_buffers_to_the_os
+from convert.converter import (DEFAULT_WORKERS, job_source_bytes, read_source, return_large_buffers_to_the_os,
+                               stream_jobs)
 from convert.plan import TensorJob, job_output
 from convert.safetensors_io import ShardHandles, file_sha256
 
@@ -97,7 +98,7 @@ def verify_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, workers: int = D
   hash_pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
   hashes = {f: hash_pool.submit(file_sha256, src.dir / f) for f in src.index.files}
   checked = 0
-  with tqdm(total=sum(_job_bytes(j) for j in jobs), unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
+  with tqdm(total=sum(job_source_bytes(j) for j in jobs), unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
             disable=not progress, dynamic_ncols=True) as bar:
     def done(result) -> None:
       nonlocal checked
@@ -106,13 +107,13 @@ def verify_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, workers: int = D
       if problem:
         index = f"[{', '.join(map(str, job.index))}]" if job.index else ""
         problems.append(f"{job.source.name} ({job.source.file}) != {'.'.join(job.leaf)}{index}: {problem}")
-      bar.update(_job_bytes(job))
+      bar.update(job_source_bytes(job))
 
     def start_file(file: str) -> None:
       handles.keep_only({file})
       bar.set_postfix_str(file, refresh=False)
 
-    _stream(jobs, run, workers, start_file, done)
+    stream_jobs(jobs, run, workers, start_file, done)
   handles.keep_only(set())
   for check in plan.copy_checks:
     if check.leaf in comparable:
@@ -129,4 +130,4 @@ def verify_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, workers: int = D
   for file in sorted(set(recorded) - set(hashes)):
     problems.append(f"{file}: converted from, but no longer in {src.dir}")
   hash_pool.shutdown()
-  return VerifyReport(checked, sum(_job_bytes(j) for j in jobs), tuple(problems), time.perf_counter() - t0)
+  return VerifyReport(checked, sum(job_source_bytes(j) for j in jobs), tuple(problems), time.perf_counter() - t0)

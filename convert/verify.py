@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 
 from convert import orbax_layout
 from convert.checkpoint import check_checkpoint_dir, load_config
-from convert.converter import (DEFAULT_WORKERS, job_source_bytes, read_source, return_large_buffers_to_the_os,
-                               stream_jobs)
+from convert.converter import DEFAULT_WORKERS, MallocTrimmer, job_source_bytes, read_source, stream_jobs
 from convert.plan import TensorJob, job_output
 from convert.safetensors_io import ShardHandles, file_sha256
 
@@ -57,7 +56,6 @@ def _differs(expected: np.ndarray, actual: np.ndarray) -> str | None:
 def verify_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, workers: int = DEFAULT_WORKERS,
                       progress: bool = True) -> VerifyReport:
   t0 = time.perf_counter()
-  return_large_buffers_to_the_os()
   ckpt = check_checkpoint_dir(ckpt_dir)
   meta = json.loads((ckpt / orbax_layout.META_FILE).read_text())
   src = read_source(hf_dir, meta["weights"])
@@ -98,6 +96,7 @@ def verify_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, workers: int = D
   hash_pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")
   hashes = {f: hash_pool.submit(file_sha256, src.dir / f) for f in src.index.files}
   checked = 0
+  trimmer = MallocTrimmer()
   with tqdm(total=sum(job_source_bytes(j) for j in jobs), unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
             disable=not progress, dynamic_ncols=True) as bar:
     def done(result) -> None:
@@ -108,6 +107,7 @@ def verify_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, workers: int = D
         index = f"[{', '.join(map(str, job.index))}]" if job.index else ""
         problems.append(f"{job.source.name} ({job.source.file}) != {'.'.join(job.leaf)}{index}: {problem}")
       bar.update(job_source_bytes(job))
+      trimmer.processed(job_source_bytes(job))
 
     def start_file(file: str) -> None:
       handles.keep_only({file})

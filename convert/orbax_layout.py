@@ -33,8 +33,8 @@ checkpoint, 154k keys in 1,536 commits took 37 s (the last quarter 3x the first:
 nodes 18 s (linear).
 
 Chunks are at most ``CHUNK_BYTES`` (Orbax's subchunking picks the shape), so a host that restores a
-shard of an array reads little more than its shard. No compression: FP8 weights hardly compress and
-zstd would halve the conversion speed on a small host.
+shard of an array reads little more than its shard. No compression: FP8 weights hardly compress, and
+zstd would cost CPU time on every byte of a conversion that is already CPU- or disk-bound.
 
 TensorStore runs with ``file_io_sync`` off (an fsync per write made it 8x slower here); the converter
 fsyncs every file once before the atomic rename (``fsync_tree``). A killed process loses nothing

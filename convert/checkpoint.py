@@ -1,83 +1,72 @@
-"""Our checkpoints: an Orbax PyTree checkpoint of the parameter pytree, beside the source config.json.
+"""Loading our checkpoints: (config, params) restored by Orbax onto one device or any sharding.
 
-Layout of CKPT_DIR::
-
-  config.json        the Hugging Face config the weights came with
-  dsv32_meta.json    converter version, source directory, weight mode
-  params/            Orbax (OCDBT) checkpoint of the pytree of ``dsv32_jax.params``
-
-Conversion writes into a temporary sibling directory and renames it into place at the end, so an
-interrupted run never leaves a checkpoint at CKPT_DIR.
+The directory layout and how it is written are in ``convert/orbax_layout.py``; the conversion in
+``convert/converter.py``. ``load_checkpoint`` hands Orbax a target ``jax.ShapeDtypeStruct`` per array
+with the sharding it should have, so Orbax's sharded restore makes each host read only the chunks of
+the shards its own devices hold; no host ever materialises the whole model unless asked to.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from convert.hf_to_params import read_hf_params
+from convert import orbax_layout
+from convert.converter import PARTIAL_SUFFIX, convert_hf_checkpoint  # noqa: F401  (the API since the foundation)
 from convert.safetensors_io import CheckpointError
 from dsv32_jax.config import ModelConfig
 from dsv32_jax.params import Params
 
-FORMAT_VERSION = 1
-
-
-def save_checkpoint(ckpt_dir: str | Path, cfg: ModelConfig, params: Params, hf_config: dict, meta: dict) -> Path:
-  final = Path(ckpt_dir).absolute()
-  if final.exists():
-    raise FileExistsError(f"{final}: already exists; remove it or choose another directory")
-  tmp = final.with_name(final.name + f".tmp-{int(time.time())}")
-  tmp.mkdir(parents=True)
-  try:
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp / "params", params)
-    ckptr.wait_until_finished()
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    (tmp / "dsv32_meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2))
-    tmp.rename(final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return final
-
-
-def convert_hf_checkpoint(hf_dir: str | Path, ckpt_dir: str | Path, weights: str = "fp8",
-                          progress: bool = True) -> Path:
-  """HF release (FP8) or save_pretrained (float) safetensors -> Orbax checkpoint at ckpt_dir."""
-  hf_dir = Path(hf_dir)
-  cfg, params = read_hf_params(hf_dir, weights=weights, progress=progress)
-  hf_config = json.loads((hf_dir / "config.json").read_text())
-  meta = {"source": str(hf_dir.absolute()), "weights": weights}
-  if cfg.n_mtp_layers != int(hf_config.get("num_nextn_predict_layers", 0)):
-    meta["note"] = "the source has no MTP layer tensors (transformers drops them): converted without MTP"
-    hf_config["num_nextn_predict_layers"] = cfg.n_mtp_layers
-  return save_checkpoint(ckpt_dir, cfg, params, hf_config, meta)
-
 
 def load_config(ckpt_dir: str | Path) -> ModelConfig:
-  return ModelConfig.from_json(Path(ckpt_dir) / "config.json")
+  return ModelConfig.from_json(Path(ckpt_dir) / orbax_layout.CONFIG_FILE)
+
+
+def check_checkpoint_dir(ckpt_dir: str | Path) -> Path:
+  """A finalised dsv32-jax checkpoint directory, or a CheckpointError saying what it is instead."""
+  ckpt_dir = Path(ckpt_dir)
+  if ckpt_dir.name.endswith(PARTIAL_SUFFIX):
+    raise CheckpointError(f"{ckpt_dir}: an unfinished conversion, not a checkpoint; finish it with "
+                          f"`dsv32 convert HF_DIR {str(ckpt_dir)[:-len(PARTIAL_SUFFIX)]} --resume`")
+  if not (ckpt_dir / orbax_layout.PARAMS_DIR).exists():
+    raise CheckpointError(f"{ckpt_dir}: not a dsv32-jax checkpoint (no params/ directory); "
+                          "convert a Hugging Face checkpoint with `dsv32 convert HF_DIR CKPT_DIR`")
+  if not (ckpt_dir / orbax_layout.META_FILE).exists():
+    raise CheckpointError(f"{ckpt_dir}: no {orbax_layout.META_FILE}: an incomplete checkpoint")
+  meta = json.loads((ckpt_dir / orbax_layout.META_FILE).read_text())
+  if meta.get("format_version", 0) > orbax_layout.FORMAT_VERSION:
+    raise CheckpointError(f"{ckpt_dir}: checkpoint format {meta['format_version']} is newer than this dsv32-jax "
+                          f"reads ({orbax_layout.FORMAT_VERSION}); update dsv32-jax")
+  return ckpt_dir
+
+
+def abstract_params(ckpt_dir: str | Path) -> Params:
+  """The checkpoint's pytree as jax.ShapeDtypeStruct leaves (no sharding): a template for shardings."""
+  tree = {}
+  for path, (shape, dtype) in orbax_layout.stored_leaves(Path(ckpt_dir) / orbax_layout.PARAMS_DIR).items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = jax.ShapeDtypeStruct(shape, dtype)
+  return tree
 
 
 def load_checkpoint(ckpt_dir: str | Path, sharding=None) -> tuple[ModelConfig, Params]:
   """Restores (config, params) as jax arrays: on the default device, or placed by `sharding`, a pytree of
-  ``jax.sharding.Sharding`` matching the params (each host then reads only its shards)."""
-  ckpt_dir = Path(ckpt_dir)
-  if not (ckpt_dir / "params").exists():
-    raise CheckpointError(f"{ckpt_dir}: not a dsv32-jax checkpoint (no params/ directory); "
-                          "convert a Hugging Face checkpoint with `dsv32 convert HF_DIR CKPT_DIR`")
+  ``jax.sharding.Sharding`` matching the params (see ``abstract_params``; each host then reads only the
+  chunks its devices' shards need)."""
+  ckpt_dir = check_checkpoint_dir(ckpt_dir)
   cfg = load_config(ckpt_dir)
-  ckptr = ocp.StandardCheckpointer()
-  meta = ckptr.metadata(ckpt_dir / "params")
-  tree = meta.item_metadata if hasattr(meta, "item_metadata") else meta
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  template = abstract_params(ckpt_dir)
   if sharding is None:
-    sharding = jax.tree.map(lambda _: device, tree)
-  target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, np.dtype(m.dtype), sharding=s), tree, sharding)
-  return cfg, ckptr.restore(ckpt_dir / "params", target)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.tree.map(lambda _: device, template)
+  try:
+    target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, np.dtype(m.dtype), sharding=s), template, sharding)
+  except ValueError as e:
+    raise ValueError(f"{ckpt_dir}: the sharding pytree does not match the checkpoint's parameters ({e})") from None
+  return cfg, ocp.StandardCheckpointer().restore((ckpt_dir / orbax_layout.PARAMS_DIR).absolute(), target)

@@ -1,26 +1,23 @@
-"""Hugging Face checkpoint <-> our parameter pytree (host numpy arrays).
+"""Hugging Face checkpoint <-> our parameter pytree as host numpy arrays, in memory.
 
-Reads the FP8 release (e4m3 weights + ``weight_scale_inv``) and the plain float safetensors that
-transformers' ``save_pretrained`` writes; every tensor is checked against the config's shapes and
-every source tensor must be used, so a mismatched config or a truncated checkpoint fails loudly.
+For small checkpoints (tests, the golden fixtures, ``init-random``); the 671B release goes through the
+streaming converter (``convert/converter.py``). Both read through the same plan (``convert/plan.py``):
+the same checks, the same names, the same dtypes, the same dequantisation.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from typing import Iterator
 
-import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
 from convert.hf_layout import hf_name_grid, mtp_copy_names
-from convert.safetensors_io import CheckpointError, ShardedReader
+from convert.plan import WEIGHT_MODES, job_output, plan_conversion  # noqa: F401  (WEIGHT_MODES: API)
+from convert.safetensors_io import CheckpointError, ShardHandles, read_headers, read_source_index
 from dsv32_jax.config import ModelConfig
-from dsv32_jax.params import Params, flatten_specs, model_specs, scale_shape
-from dsv32_jax.quant import FP8
-
-WEIGHT_MODES = ("fp8", "bf16")
+from dsv32_jax.params import Params, flatten_specs, model_specs
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:
@@ -29,92 +26,30 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
   tree[path[-1]] = value
 
 
-def _stack(reader: ShardedReader, grid: np.ndarray, inner_shape: tuple[int, ...], kind: str) -> np.ndarray:
-  """Reads the tensors named by `grid` and stacks them to grid.shape + inner_shape."""
-  arrays = []
-  for name in grid.flat:
-    a = reader.get(name)
-    if tuple(a.shape) != tuple(inner_shape):
-      raise CheckpointError(f"{reader.dir}: tensor '{name}' has shape {tuple(a.shape)}, "
-                            f"the config implies {tuple(inner_shape)} ({kind})")
-    arrays.append(a)
-  dtypes = {a.dtype for a in arrays}
-  if len(dtypes) > 1:
-    raise CheckpointError(f"{reader.dir}: tensors {grid.flat[0]} ... {grid.flat[-1]} mix dtypes {sorted(map(str, dtypes))}")
-  if grid.ndim == 0:
-    return arrays[0]
-  return np.stack(arrays).reshape(*grid.shape, *inner_shape)
-
-
 def read_hf_params(hf_dir, cfg: ModelConfig | None = None, weights: str = "fp8",
                    progress: bool = True) -> tuple[ModelConfig, Params]:
-  """Loads a HF checkpoint directory into our pytree.
+  """Loads a HF checkpoint directory into our pytree (the whole model in memory).
 
   weights="fp8" keeps the release's e4m3 weights with their block scales; "bf16" dequantises them.
-  Float tensors keep their stored dtype.
+  Float tensors keep their stored dtype. A checkpoint without MTP tensors reads as a model without MTP.
   """
-  if weights not in WEIGHT_MODES:
-    raise ValueError(f"weights = {weights!r}: expected one of {WEIGHT_MODES}")
-  reader = ShardedReader(hf_dir)
-  cfg = cfg or ModelConfig.from_json(reader.dir)
-  cfg = _without_absent_mtp(reader, cfg)
-  leaves = flatten_specs(model_specs(cfg))
-  params: dict[str, Any] = {}
-  used: set[str] = set()
-  for path, spec in tqdm(leaves, desc="reading tensors", unit="param", disable=not progress):
-    grid = hf_name_grid(cfg, path)
-    inner = spec.shape[grid.ndim:]
-    value = _stack(reader, grid, inner, ".".join(path))
-    used.update(grid.flat)
-    if path[-1] == "weight" and spec.fp8_in_release:
-      scale_grid = np.vectorize(lambda n: n + "_scale_inv", otypes=[object])(grid)
-      present = [n in reader for n in scale_grid.flat]
-      if any(present) and not all(present):
-        missing = [n for n, p in zip(scale_grid.flat, present) if not p][:3]
-        raise CheckpointError(f"{reader.dir}: some FP8 scales are missing, e.g. {missing}")
-      if all(present):
-        if value.dtype != FP8:
-          raise CheckpointError(f"{reader.dir}: '{grid.flat[0]}' has a weight_scale_inv but dtype {value.dtype}, "
-                                "expected float8_e4m3fn")
-        scale = _stack(reader, scale_grid, scale_shape(inner), ".".join(path) + " block scales")
-        used.update(scale_grid.flat)
-        if weights == "bf16":
-          from dsv32_jax.quant import dequant_weight
-          value = np.asarray(dequant_weight(value, scale, np.float32)).astype(ml_dtypes.bfloat16)
-        else:
-          _set(params, path[:-1] + ("scale",), scale.astype(np.float32))
-      elif value.dtype == FP8:
-        raise CheckpointError(f"{reader.dir}: '{grid.flat[0]}' is float8_e4m3fn without a weight_scale_inv")
-    elif value.dtype == FP8:
-      raise CheckpointError(f"{reader.dir}: '{grid.flat[0]}' is float8_e4m3fn, but the release stores it in float")
-    _set(params, path, value)
-  _check_mtp_copies(reader, cfg, params, used)
-  unknown = sorted(set(reader.names()) - used)
-  if unknown:
-    raise CheckpointError(f"{reader.dir}: {len(unknown)} tensor(s) not part of a DeepSeek-V3.2 model with this "
-                          f"config, e.g. {unknown[:5]} (does config.json match the weights?)")
-  return cfg, params
-
-
-def _without_absent_mtp(reader: ShardedReader, cfg: ModelConfig) -> ModelConfig:
-  """transformers does not model the MTP layers and drops them on save; a checkpoint without any of
-  their tensors is read as a model without MTP (the release has them: model.layers.{n_layers}.*)."""
-  if cfg.n_mtp_layers and not any(n.startswith(f"model.layers.{cfg.n_layers}.") for n in reader.names()):
-    return cfg.replace(n_mtp_layers=0)
-  return cfg
-
-
-def _check_mtp_copies(reader: ShardedReader, cfg: ModelConfig, params: Params, used: set[str]) -> None:
-  """The MTP layers carry copies of the embedding and head; we keep one and check the copies match."""
-  for name, leaf in mtp_copy_names(cfg).items():
-    if name not in reader:
-      continue
-    copy = reader.get(name)
-    ours = params[leaf]
-    if copy.shape != ours.shape or not np.array_equal(copy.astype(np.float32), ours.astype(np.float32)):
-      raise CheckpointError(f"{reader.dir}: '{name}' differs from the main model's {leaf}; the MTP module is "
-                            "expected to share them")
-    used.add(name)
+  index = read_source_index(hf_dir)
+  cfg = cfg or ModelConfig.from_json(index.dir)
+  headers, _ = read_headers(index)
+  plan = plan_conversion(cfg, headers, weights, source=str(index.dir))
+  handles = ShardHandles(index.dir)
+  arrays = {leaf.path: np.empty(leaf.shape, leaf.dtype) for leaf in plan.leaves}
+  for job in tqdm(plan.jobs, desc="reading tensors", unit="tensor", disable=not progress):
+    arrays[job.leaf][job.index] = job_output(job, handles.get, str(index.dir))
+  for check in plan.copy_checks:
+    copy = handles.get(check.source)
+    if not np.array_equal(copy.view(np.uint8), arrays[check.leaf].view(np.uint8)):
+      raise CheckpointError(f"{index.dir}/{check.source.file}: '{check.source.name}' differs from the main model's "
+                            f"{check.leaf[0]}; the MTP module is expected to share them")
+  params: Params = {}
+  for path, array in arrays.items():
+    _set(params, path, array)
+  return plan.cfg, params
 
 
 def _layer_key(name: str) -> tuple[int, str]:

@@ -1,18 +1,50 @@
-"""The ``dsv32`` command line: make a random release-format checkpoint, convert, score, generate, demo."""
+"""The ``dsv32`` command line: make a random release-format checkpoint, convert (verify, export), score,
+generate, demo."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 DESCRIPTION = """\
 DeepSeek-V3.2 in JAX. Typical use:
   dsv32 convert /models/DeepSeek-V3.2 /ckpt/v32      # the HF release (FP8 safetensors) -> Orbax
+  dsv32 verify /models/DeepSeek-V3.2 /ckpt/v32       # every tensor checked against the source
   dsv32 generate /ckpt/v32 --prompt-tokens 0,1234,567 --max-new-tokens 32
   dsv32 demo                                         # everything above on a tiny random model
+"""
+
+CONVERT_HELP = """\
+Convert a Hugging Face DeepSeek-V3.2 checkpoint -- the FP8 release (model-*.safetensors with
+model.safetensors.index.json and config.json) or a transformers save_pretrained directory -- into a
+dsv32-jax checkpoint: an Orbax checkpoint (OCDBT + zarr3) that `dsv32 generate`, `dsv32 logits` and
+convert.checkpoint.load_checkpoint restore onto one device or any sharding.
+
+Every tensor's name, shape and dtype is checked against config.json before anything is written.
+Tensors are streamed one at a time: memory stays at a few times the largest tensor (the 671B release
+converts on a host with far less RAM than its 690 GB), and the output needs about as much disk as the
+source. The result appears at CKPT_DIR only when complete; until then it is built in CKPT_DIR.partial,
+which an interrupted run leaves behind: rerun with --resume to continue where it stopped.
+
+example:
+  dsv32 convert /models/DeepSeek-V3.2 /ckpt/v32
+  dsv32 convert /models/DeepSeek-V3.2 /ckpt/v32 --resume      # after an interruption
+  dsv32 verify /models/DeepSeek-V3.2 /ckpt/v32                # optional: compare every tensor
+"""
+
+VERIFY_HELP = """\
+Check a converted checkpoint against its source, tensor by tensor: bit-identical FP8 weights, block
+scales and float tensors (or, for --weights bf16 checkpoints, bit-exact dequantisation), the arrays'
+shapes and dtypes, config.json, and each source shard's sha256 against the one recorded at conversion.
+Exits 0 when everything matches; otherwise lists every difference and exits 1.
+"""
+
+EXPORT_HELP = """\
+Write a dsv32-jax checkpoint back in the Hugging Face release format: the same tensor names in the
+same shard files, model.safetensors.index.json and config.json. A checkpoint converted with the default
+--weights fp8 exports to the source's bytes exactly. HF_DIR must not exist.
 """
 
 
@@ -65,10 +97,44 @@ def cmd_init_random(args) -> None:
 
 
 def cmd_convert(args) -> None:
-  from convert.checkpoint import convert_hf_checkpoint
-  t0 = time.perf_counter()
-  out = convert_hf_checkpoint(args.hf_dir, args.ckpt_dir, weights=args.weights)
-  print(f"converted {args.hf_dir} -> {out} in {time.perf_counter() - t0:.1f} s")
+  from convert.converter import convert_hf_checkpoint
+  try:
+    r = convert_hf_checkpoint(args.hf_dir, args.ckpt_dir, weights=args.weights, workers=args.workers,
+                              resume=args.resume, progress=not args.quiet)
+  except KeyboardInterrupt:
+    sys.exit(f"dsv32 convert: interrupted; what is done is kept in {args.ckpt_dir}.partial -- "
+             "rerun the same command with --resume to continue")
+  resumed = f" (resumed: {r.skipped} tensors were already done)" if r.skipped else ""
+  print(f"converted {args.hf_dir} -> {r.path}: {r.tensors} tensors, {r.bytes_read / 1e9:.2f} GB in {r.seconds:.1f} s "
+        f"= {r.gb_per_s:.2f} GB/s{resumed}")
+
+
+def cmd_verify(args) -> None:
+  from convert.verify import verify_checkpoint
+  r = verify_checkpoint(args.hf_dir, args.ckpt_dir, workers=args.workers, progress=not args.quiet)
+  if not r.ok:
+    for line in r.problems:
+      print(line)
+    sys.exit(f"dsv32 verify: {len(r.problems)} problem(s): {args.ckpt_dir} does not match {args.hf_dir}")
+  print(f"verified {args.ckpt_dir} against {args.hf_dir}: {r.tensors} tensors, {r.bytes / 1e9:.2f} GB, all identical "
+        f"({r.seconds:.1f} s)")
+
+
+def cmd_export(args) -> None:
+  from convert.export import export_checkpoint
+  r = export_checkpoint(args.ckpt_dir, args.hf_dir, progress=not args.quiet)
+  print(f"exported {args.ckpt_dir} -> {r.path}: {r.tensors} tensors in {r.files} files, {r.bytes / 1e9:.2f} GB "
+        f"in {r.seconds:.1f} s")
+
+
+def _workers(value: str) -> int:
+  try:
+    n = int(value)
+  except ValueError:
+    n = 0
+  if n < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive number of workers, got {value!r}")
+  return n
 
 
 def cmd_logits(args) -> None:
@@ -171,12 +237,35 @@ def main(argv=None) -> None:
   p.add_argument("--bf16", action="store_true", help="bf16 linear weights instead of FP8 + block scales")
   p.set_defaults(fn=cmd_init_random)
 
-  p = sub.add_parser("convert", help="HF safetensors (FP8 release or save_pretrained float) -> Orbax checkpoint")
-  p.add_argument("hf_dir")
-  p.add_argument("ckpt_dir")
+  raw = argparse.RawDescriptionHelpFormatter
+  p = sub.add_parser("convert", help="HF safetensors (FP8 release or save_pretrained float) -> Orbax checkpoint",
+                     description=CONVERT_HELP, formatter_class=raw)
+  p.add_argument("hf_dir", metavar="HF_DIR", help="directory with config.json and the safetensors shards")
+  p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="where to write the checkpoint (must not exist)")
   p.add_argument("--weights", choices=["fp8", "bf16"], default="fp8",
-                 help="keep FP8 weights with their block scales (default) or dequantise to bf16")
+                 help="fp8 (default): keep the release's e4m3 weights and 128x128 block scales bit for bit, as the "
+                      "model computes with them; bf16: dequantise them (twice the size)")
+  p.add_argument("--workers", type=_workers, default=4, metavar="N",
+                 help="tensors converted at once (default 4); memory grows with N times the largest tensor")
+  p.add_argument("--resume", action="store_true",
+                 help="continue the interrupted conversion in CKPT_DIR.partial instead of refusing to start")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
   p.set_defaults(fn=cmd_convert)
+
+  p = sub.add_parser("verify", help="compare every tensor of a converted checkpoint with its HF source",
+                     description=VERIFY_HELP, formatter_class=raw)
+  p.add_argument("hf_dir", metavar="HF_DIR", help="the source the checkpoint was converted from")
+  p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="the converted checkpoint")
+  p.add_argument("--workers", type=_workers, default=4, metavar="N", help="tensors compared at once (default 4)")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  p.set_defaults(fn=cmd_verify)
+
+  p = sub.add_parser("export", help="write a checkpoint back in the HF release format (safetensors shards)",
+                     description=EXPORT_HELP, formatter_class=raw)
+  p.add_argument("ckpt_dir", metavar="CKPT_DIR", help="a dsv32-jax checkpoint (from `dsv32 convert`)")
+  p.add_argument("hf_dir", metavar="HF_DIR", help="where to write the safetensors shards (must not exist)")
+  p.add_argument("--quiet", action="store_true", help="no progress bars")
+  p.set_defaults(fn=cmd_export)
 
   p = sub.add_parser("logits", help="float32 logits of every position for a batch of token ids")
   p.add_argument("ckpt_dir")

@@ -79,3 +79,34 @@ def test_clear_errors(tmp_path):
   assert out.returncode != 0 and "nothing: neither model.safetensors.index.json" in out.stderr
   out = dsv32("logits", tmp_path, "--tokens", "t.npy", "--out", "o.npy", "--indexer-quant", "int4", ok=False)
   assert out.returncode != 0 and "expected 'fp8' or 'none'" in out.stderr
+
+
+def test_verify_and_export_through_the_cli(converted, tmp_path):
+  import filecmp
+  out = dsv32("verify", converted / "hf", converted / "ckpt", "--quiet")
+  assert out.stdout.startswith("verified") and "all identical" in out.stdout
+  out = dsv32("export", converted / "ckpt", tmp_path / "back", "--quiet")
+  assert "exported" in out.stdout
+  shards = sorted(p.name for p in (converted / "hf").glob("*.safetensors"))
+  assert shards and all(filecmp.cmp(converted / "hf" / f, tmp_path / "back" / f, shallow=False) for f in shards)
+  # a source that no longer matches: every difference listed, exit status 1
+  changed = tmp_path / "changed"
+  shutil.copytree(converted / "hf", changed)
+  with open(changed / shards[-1], "r+b") as f:
+    f.seek(-1, os.SEEK_END)
+    last = f.read(1)
+    f.seek(-1, os.SEEK_END)
+    f.write(bytes([last[0] ^ 1]))
+  out = dsv32("verify", changed, converted / "ckpt", "--quiet", ok=False)
+  assert out.returncode == 1 and "problem(s)" in out.stderr and "sha256" in out.stdout and "differ" in out.stdout
+
+
+def test_convert_help_and_refusals(converted, tmp_path):
+  out = dsv32("convert", "--help")
+  for text in ("--resume", "--workers N", "--weights {fp8,bf16}", "CKPT_DIR.partial", "dsv32 verify"):
+    assert text in out.stdout
+  (tmp_path / "ckpt.partial").mkdir()
+  out = dsv32("convert", converted / "hf", tmp_path / "ckpt", ok=False)
+  assert out.returncode != 0 and "--resume" in out.stderr
+  out = dsv32("convert", converted / "hf", converted / "ckpt", ok=False)
+  assert out.returncode != 0 and "already exists" in out.stderr

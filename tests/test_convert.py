@@ -87,7 +87,7 @@ def test_bf16_mode_dequantises(hf_dir):
 
 
 def test_orbax_round_trip_and_atomic_final_path(hf_dir, tmp_path):
-  ckpt = convert_hf_checkpoint(hf_dir, tmp_path / "ckpt", progress=False)
+  ckpt = convert_hf_checkpoint(hf_dir, tmp_path / "ckpt", progress=False).path
   cfg, params = load_checkpoint(ckpt)
   assert cfg == CFG
   assert leaves_equal(jax.tree.map(np.asarray, params), init_params(CFG, seed=5))

@@ -65,16 +65,23 @@ def main(argv=None):
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--fp8", action="store_true", help="FP8 e4m3 linear weights with block scales")
   ap.add_argument("--kernels", default="auto", choices=["auto", "reference", "pallas"])
+  ap.add_argument("--prefill-form", default="naive-mask", choices=["naive-mask", "absorbed-gather"],
+                  help="the official MHA form with the top-k set as a score mask, or the latent (MQA) form "
+                       "over the gathered top-k rows")
+  ap.add_argument("--skip-parts", action="store_true", help="time only whole layers")
   ap.add_argument("--out")
   args = ap.parse_args(argv)
 
   cfg = preset(args.preset)
   opts = RunOptions(kernels=args.kernels)
+  if args.prefill_form == "absorbed-gather":
+    opts = opts.replace(prefill_attention="absorbed", prefill_selection="gather")
   dtype = opts.jnp_dtype
   p = random_layer(cfg, jax.random.key(0), args.fp8)
   print(f"device: {jax.devices()[0].device_kind}; preset {args.preset}; weights {'fp8' if args.fp8 else 'bf16'}; "
-        f"kernels {args.kernels}", flush=True)
-  results = {"device": jax.devices()[0].device_kind, "preset": args.preset, "fp8": args.fp8, "rows": []}
+        f"kernels {args.kernels}; prefill {args.prefill_form}", flush=True)
+  results = {"device": jax.devices()[0].device_kind, "preset": args.preset, "fp8": args.fp8,
+             "prefill_form": args.prefill_form, "kernels": args.kernels, "rows": []}
 
   def record(name, seconds, tokens, compile_s):
     row = {"what": name, "ms": seconds * 1e3, "tokens_per_s": tokens / seconds, "compile_s": compile_s}
@@ -107,8 +114,9 @@ def main(argv=None):
       return moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps), impl=opts.kernels)
 
     bench(f"prefill {s}: whole layer", layer, (p, x, cache), s)
-    bench(f"prefill {s}: attention (indexer + top-k + MLA)", attn_only, (p, x, cache), s)
-    bench(f"prefill {s}: MoE (gate + {cfg.n_routed_experts} experts + shared)", moe_only, (p, x), s)
+    if not args.skip_parts:
+      bench(f"prefill {s}: attention (indexer + top-k + MLA)", attn_only, (p, x, cache), s)
+      bench(f"prefill {s}: MoE (gate + {cfg.n_routed_experts} experts + shared)", moe_only, (p, x), s)
 
   t = args.decode_context
   for b in args.decode_batch:

@@ -273,3 +273,14 @@ def test_variant_validation():
   with pytest.raises(ValueError):
     IndexerVariant(topk_fraction=0.0)
   assert dataclasses.replace(RELEASE, score="softmax").score == "softmax"
+
+
+def test_shipped_grids_are_valid():
+  import glob
+  import os
+  from train import ablate
+  files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "train", "grids", "*.toml")))
+  assert len(files) >= 3
+  for f in files:
+    grid = ablate.load_grid(f)
+    assert len(ablate.points(grid)) >= 2, f

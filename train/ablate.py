@@ -102,7 +102,8 @@ def point_name(pt: dict, base: dict) -> str:
   return "base" if not changed else ",".join(f"{k}={v}" for k, v in sorted(changed.items()))
 
 
-def run_grid(grid: dict, progress: bool = True, corpus_wheel=None, max_chars=None) -> list[dict]:
+def run_grid(grid: dict, progress: bool = True, corpus_wheel=None, max_chars=None, dense_params=None) -> list[dict]:
+  """Runs every point (dense_params: the trained dense model, else trained or restored in the workdir)."""
   run = grid["run"]
   p = preset(run["preset"])
   workdir, reports = Path(run["workdir"]).absolute(), Path(run["reports"])
@@ -115,9 +116,10 @@ def run_grid(grid: dict, progress: bool = True, corpus_wheel=None, max_chars=Non
   probe_length = run["probe_length"] if run["probe_length"] is not None else eval_length
   n_windows = run["eval_windows"] or p.eval_windows
   data = prepare_data(p, workdir, corpus_wheel, max_chars)
-  dense = dense_model(p, data, workdir, run["seed"], progress, deadline).params
+  dense = dense_params if dense_params is not None else dense_model(p, data, workdir, run["seed"], progress,
+                                                                   deadline).params
   pts = points(grid)
-  rows = []
+  rows, dense_lm = [], None  # warm-up-only points share the main model: its dense perplexity once
   for i, pt in enumerate(pts):
     name = point_name(pt, grid["base"])
     cfg = p.model.replace(**{k: v for k, v in pt.items() if k in CONFIG_AXES})
@@ -125,10 +127,11 @@ def run_grid(grid: dict, progress: bool = True, corpus_wheel=None, max_chars=Non
     fresh = indexer_params(float_params(init_params(cfg, seed=run["seed"] + 1, fp8=False)))
     params = with_indexers(dense, fresh)
     t = time.perf_counter()
-    budget = deadline.remaining()
-    per_point = None if budget is None else budget / (len(pts) - i)
-    st = p.stage("warmup").replace(name=f"ablation/{name}/warmup", steps=warm_steps,
-                                   max_seconds=None if per_point is None else 0.6 * per_point)
+    cap, budget = p.ablation_max_seconds, deadline.remaining()
+    if budget is not None:  # leave each remaining point its share, evaluations included
+      share = max(0.6 * budget / (len(pts) - i), 5.0)
+      cap = share if cap is None else min(cap, share)
+    st = p.stage("warmup").replace(name=f"ablation/{name}/warmup", steps=warm_steps, max_seconds=cap)
     res = train_stage(params, cfg, v, st, data.train, workdir, dtype, p.remat, progress)
     params, tps, steps_done = res.params, res.tokens_per_second, {"warmup": res.steps_done}
     if sparse_steps:
@@ -137,7 +140,10 @@ def run_grid(grid: dict, progress: bool = True, corpus_wheel=None, max_chars=Non
       params, steps_done["sparse"] = res.params, res.steps_done
     train_s = time.perf_counter() - t
     sel = metrics.selector_metrics(params, cfg, v, data.val, eval_length, n_windows, dtype)
-    lm = metrics.lm_eval(params, cfg, v, data.val, [eval_length], n_windows, dtype)[0]
+    if sparse_steps or dense_lm is None:
+      dense_lm = metrics.lm_eval(params, cfg, v, data.val, [eval_length], n_windows, dtype, modes=("dense",))[0]
+    lm = {**dense_lm, **metrics.lm_eval(params, cfg, v, data.val, [eval_length], n_windows, dtype,
+                                        modes=("sparse",))[0]}
     row = {"point": name, **{k: pt.get(k, getattr(cfg, k, None) if k in CONFIG_AXES else getattr(v, k))
                              for k in list(grid["axes"])},
            "index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim,
@@ -149,9 +155,9 @@ def run_grid(grid: dict, progress: bool = True, corpus_wheel=None, max_chars=Non
            "warmup_steps": steps_done["warmup"], "sparse_steps": steps_done.get("sparse", 0),
            "train_seconds": train_s, "tokens_per_s": tps}
     if probe_length:
-      pr = metrics.retrieval_probe(params, cfg, v, data.val, probe_length, p.probe_trials, dtype=dtype)
-      row.update({"probe_hit_best_layer": pr["sparse_hit_best_layer"], "probe_copy_acc_sparse": pr["sparse_copy_accuracy"],
-                  "probe_copy_acc_dense": pr["dense_copy_accuracy"]})
+      pr = metrics.retrieval_probe(params, cfg, v, data.val, probe_length, p.probe_trials, dtype=dtype,
+                                   modes=("sparse",))
+      row.update({"probe_hit_best_layer": pr["sparse_hit_best_layer"], "probe_copy_acc_sparse": pr["sparse_copy_accuracy"]})
     rows.append(row)
     write_tables(rows, grid, reports)
   write_plots(rows, grid, reports)

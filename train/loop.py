@@ -19,7 +19,8 @@ balancing, ``bias += gamma * sign(mean load - load)`` after each step.
 The jitted step runs ``grad_accum`` micro-batches under ``lax.scan`` and averages their gradients.
 State = {params, opt_state, step} is saved with an Orbax ``CheckpointManager`` in
 ``workdir/<stage name>/``; a stage restarted on the same workdir restores the latest step and, as
-batches are a function of (seed, step), continues exactly as an uninterrupted run would. Progress: a
+batches are a function of (seed, step), continues exactly as an uninterrupted run would. A stage that
+ended (all its steps, or its ``max_seconds``) leaves ``<stage name>.done.json`` and is then only restored. Progress: a
 tqdm bar with loss, grad norm and tokens/s; every logged step also goes to ``<stage>.jsonl``.
 """
 
@@ -278,15 +279,22 @@ def train_stage(params: Params, cfg: ModelConfig, v: IndexerVariant, stage: Stag
     state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), state)))
   start = int(state["step"])
+  log_path = workdir / f"{stage.name}.jsonl"
+  done_path = workdir / f"{stage.name}.done.json"
+  if done_path.exists() and start == json.loads(done_path.read_text())["steps"]:
+    # finished before (all steps, or stopped by its time cap): restored as it ended, not trained further
+    history = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    info = json.loads(done_path.read_text())
+    return StageResult(state["params"], start, history, info["seconds"], info["compile_seconds"],
+                       info["tokens_per_second"])
   step_fn = make_train_step(cfg, v, stage, params, dtype, remat)
   batch_sharding = None
   if mesh is not None:
     from jax.sharding import NamedSharding, PartitionSpec as P
     batch_sharding = NamedSharding(mesh, P(None, "data"))
     state = jax.device_put(state, NamedSharding(mesh, P()))
-  log_path = workdir / f"{stage.name}.jsonl"
   tokens_per_step = stage.batch_size * stage.seq_len
-  history, t_start, compile_s = [], time.perf_counter(), 0.0
+  history, t_start, compile_s, timed_out = [], time.perf_counter(), 0.0, False
   t_log, steps_since_log = None, 0
   end = stage.steps if stop_after is None else min(stage.steps, stop_after)
   bar = tqdm(total=stage.steps, initial=start, desc=stage.name, disable=not progress, dynamic_ncols=True)
@@ -317,6 +325,7 @@ def train_stage(params: Params, cfg: ModelConfig, v: IndexerVariant, stage: Stag
       if stage.ckpt_every and (i + 1) % stage.ckpt_every == 0 and i + 1 < end:
         mngr.save(i + 1, args=ocp.args.StandardSave(state))
       if stage.max_seconds is not None and time.perf_counter() - t_start > stage.max_seconds:
+        timed_out = True
         break
   bar.close()
   done = int(state["step"])
@@ -325,4 +334,8 @@ def train_stage(params: Params, cfg: ModelConfig, v: IndexerVariant, stage: Stag
   mngr.wait_until_finished()
   seconds = time.perf_counter() - t_start
   steady = [r["tokens_per_s"] for r in history if np.isfinite(r["tokens_per_s"])]
-  return StageResult(state["params"], done, history, seconds, compile_s, float(np.mean(steady)) if steady else 0.0)
+  tps = float(np.mean(steady)) if steady else 0.0
+  if done == stage.steps or timed_out:
+    done_path.write_text(json.dumps({"steps": done, "planned_steps": stage.steps, "timed_out": timed_out,
+                                     "seconds": seconds, "compile_seconds": compile_s, "tokens_per_second": tps}))
+  return StageResult(state["params"], done, history, seconds, compile_s, tps)

@@ -92,14 +92,17 @@ def plant_needles(stream: np.ndarray, length: int, trials: int, needle_len: int,
 
 
 def retrieval_probe(params, cfg: ModelConfig, v: IndexerVariant, stream: np.ndarray, length: int, trials: int,
-                    needle_len: int = 16, dtype=jnp.float32, seed: int = 0, batch: int = 4) -> dict:
-  """Copy accuracy / loss (dense and sparse) on the repeated needle, and per-layer selection hits."""
+                    needle_len: int = 16, dtype=jnp.float32, seed: int = 0, batch: int = 4,
+                    modes=("dense", "sparse")) -> dict:
+  """Copy accuracy / loss (dense and/or sparse) on the repeated needle, and per-layer selection hits."""
   tokens, first, second = plant_needles(stream, length, trials, needle_len, cfg.vocab_size, seed)
   i = np.arange(needle_len - 1)
   q_pos, k_pos = jnp.asarray(second + i), jnp.asarray(first + i + 1)   # reading needle[i], retrieve needle[i+1]
   out = {"length": length, "needle_len": needle_len, "distance": second - first, "k": v.topk(cfg, length),
          "chance_hit": float(np.mean(v.topk(cfg, length) / (second + i + 1)))}
   for mode, tag in (("warmup", "dense"), ("sparse", "sparse")):
+    if tag not in modes:
+      continue
     correct, nll, hits, attn = [], [], [], []
     for tb in _batches(tokens, batch):
       logits, hit, att = _probe(params, cfg, v, mode, jnp.asarray(tb), dtype, q_pos, k_pos)

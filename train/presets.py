@@ -1,7 +1,7 @@
 """Sizes of the indexer-training workload: the model, the three stages and the evaluations.
 
 - ``test``: a few hundred thousand parameters; unit tests.
-- ``cpu-tiny``: ~1.4M parameters (3 layers, 8 experts); the README's end-to-end run on a 2-core CPU
+- ``cpu-tiny``: ~1.6M parameters (3 layers, 8 experts); the README's end-to-end run on a 2-core CPU
   in a few minutes.
 - ``gpu-small``: ~50M parameters (8 layers: 1 dense + 7 MoE with 8 routed experts, 2 active, 1 shared);
   the H100 experiment (``benchmarks/indexer_training.py``), under 8 minutes.
@@ -33,6 +33,7 @@ class Preset:
   probe_lengths: tuple[int, ...] = (256,)
   ablation_warmup_steps: int = 50     # the harness's per-point warm-up
   ablation_sparse_steps: int = 0      # and sparse steps (0: warm-up only, the main model stays as trained)
+  ablation_max_seconds: float | None = None  # wall-time cap of each point's training
 
   def stage(self, mode: str) -> StageConfig:
     return next(s for s in self.stages if s.mode == mode)
@@ -70,15 +71,15 @@ CPU_TINY = Preset(
                  q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                  index_n_heads=4, index_head_dim=32, index_topk=32),
     stages=(
-        StageConfig("dense", "dense", steps=500, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=50,
-                    log_every=25, ckpt_every=250),
-        StageConfig("warmup", "warmup", steps=100, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=10,
-                    schedule="constant", weight_decay=0.0, log_every=25),
-        StageConfig("sparse", "sparse", steps=100, batch_size=16, seq_len=256, lr=3e-4, indexer_lr=1e-3,
-                    warmup_steps=0, log_every=25),
+        StageConfig("dense", "dense", steps=200, batch_size=8, seq_len=256, lr=4e-3, warmup_steps=20,
+                    log_every=20, ckpt_every=100),
+        StageConfig("warmup", "warmup", steps=50, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=5,
+                    schedule="constant", weight_decay=0.0, log_every=20),
+        StageConfig("sparse", "sparse", steps=40, batch_size=8, seq_len=256, lr=5e-4, indexer_lr=1e-3,
+                    log_every=10),
     ),
-    eval_lengths=(128, 256, 512), eval_windows=16, metric_windows=8, probe_trials=16, probe_lengths=(256, 512),
-    ablation_warmup_steps=60,
+    eval_lengths=(128, 256, 512), eval_windows=8, metric_windows=8, probe_trials=8, probe_lengths=(256, 512),
+    ablation_warmup_steps=40,
 )
 
 GPU_SMALL = Preset(
@@ -89,15 +90,15 @@ GPU_SMALL = Preset(
                  index_n_heads=8, index_head_dim=64, index_topk=128),
     stages=(
         StageConfig("dense", "dense", steps=1500, batch_size=16, seq_len=1024, grad_accum=1, lr=2e-3,
-                    warmup_steps=100, log_every=50, ckpt_every=500, max_seconds=170),
+                    warmup_steps=100, log_every=50, ckpt_every=500, max_seconds=110),
         StageConfig("warmup", "warmup", steps=300, batch_size=16, seq_len=1024, lr=1e-3, warmup_steps=20,
-                    schedule="constant", weight_decay=0.0, log_every=50, max_seconds=45),
+                    schedule="constant", weight_decay=0.0, log_every=25, max_seconds=30),
         StageConfig("sparse", "sparse", steps=300, batch_size=16, seq_len=1024, lr=2e-4, indexer_lr=5e-4,
-                    log_every=50, max_seconds=60),
+                    log_every=25, max_seconds=35),
     ),
     dtype="bfloat16", remat=False,
-    eval_lengths=(256, 1024, 2048), eval_windows=16, metric_windows=8, probe_trials=16, probe_lengths=(1024, 2048),
-    ablation_warmup_steps=150,
+    eval_lengths=(1024, 2048), eval_windows=16, metric_windows=8, probe_trials=16, probe_lengths=(2048,),
+    ablation_warmup_steps=200, ablation_max_seconds=25,
 )
 
 PRESETS = {p.name: p for p in (TEST, CPU_TINY, GPU_SMALL)}

@@ -16,6 +16,7 @@ Every stage checkpoints into the workdir (Orbax), so a rerun resumes or skips wh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsv32_jax.params import init_params
+from dsv32_jax.params import Params, init_params
 from train import data as data_lib
 from train import metrics, report
 from train.loop import float_params, train_stage
@@ -79,9 +80,18 @@ def dense_model(p: Preset, data: data_lib.TokenData, workdir: Path, seed: int = 
   return train_stage(params, cfg, RELEASE, st, data.train, workdir, dtype, p.remat, progress)
 
 
+@dataclasses.dataclass
+class RecipeResult:
+  summary: dict            # what summary.json holds
+  dense_params: Params     # the dense model (stage 0), before any indexer training
+  params: Params           # after the sparse stage
+
+
 def run(p: Preset, workdir: str | Path, reports: str | Path, v: IndexerVariant = RELEASE, seed: int = 0,
         progress: bool = True, corpus_wheel=None, max_chars=None, budget_seconds: float | None = None,
-        eval_reserve: float = 0.0) -> dict:
+        eval_reserve: float = 0.0) -> RecipeResult:
+  """The whole recipe; stages are capped by their max_seconds and by budget_seconds (minus eval_reserve
+  seconds kept for the evaluations after the warm-up and sparse stages)."""
   workdir, reports = Path(workdir).absolute(), Path(reports)
   reports.mkdir(parents=True, exist_ok=True)
   deadline = Deadline(budget_seconds)
@@ -103,7 +113,7 @@ def run(p: Preset, workdir: str | Path, reports: str | Path, v: IndexerVariant =
 
   res = dense_model(p, data, workdir, seed, progress, deadline)
   record("dense", res)
-  params = res.params
+  params = dense_params = res.params
   summary["evals"]["dense_model"] = evaluate(params, p, v, data, dtype)
   for mode in ("warmup", "sparse"):
     st = p.stage(mode)
@@ -115,7 +125,7 @@ def run(p: Preset, workdir: str | Path, reports: str | Path, v: IndexerVariant =
   summary["seconds"] = time.perf_counter() - t0
   report.write_json(reports / "summary.json", summary)
   write_report(summary, workdir, reports)
-  return summary
+  return RecipeResult(summary, dense_params, params)
 
 
 PHASES = (("dense_model", "dense model, untrained indexer"), ("after_warmup", "after the dense warm-up"),
@@ -221,7 +231,7 @@ def main(argv=None):
   p = preset(args.preset)
   s = run(p, args.workdir or f"runs/{p.name}", args.reports or f"reports/{p.name}", seed=args.seed,
           progress=not args.no_progress, corpus_wheel=args.corpus_wheel)
-  print(Path(args.reports or f"reports/{p.name}") / "summary.md", f"({s['seconds']:.0f} s)")
+  print(Path(args.reports or f"reports/{p.name}") / "summary.md", f"({s.summary['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -195,6 +195,7 @@ def write_report(summary: dict, workdir: Path, reports: Path) -> None:
     for j, (key, label) in enumerate(PHASES):
       vals = summary["evals"][key]["selector"][metric]
       ax.bar(np.arange(len(vals)) + 0.27 * (j - 1), vals, 0.27, label=label)
+    ax.set_xticks(range(len(vals)))
     ax.set_xlabel("layer")
     ax.set_title(f"{metric} of the top-k selection")
     ax.set_ylim(0, 1)

@@ -91,8 +91,9 @@ def write_readme(reports: Path, s: dict, rows: list[dict], total: float, t_recip
     sel = s["evals"][key]["selector"]
     lines.append(f"| {label} | {report.fmt(sel['recall'])} | {report.fmt(sel['mass'])} |")
   lines += ["", report.markdown_table([
-      {"length": r["length"], "k": r["k"], "dense ppl": r["dense_ppl"], "sparse ppl after warm-up": w["sparse_ppl"],
-       "sparse ppl after sparse stage": r["sparse_ppl"], "dense ppl after sparse stage": r["dense_ppl"]}
+      {"length": r["length"], "k": r["k"], "dense ppl, dense model": w["dense_ppl"],
+       "sparse ppl after warm-up": w["sparse_ppl"], "sparse ppl after sparse stage": r["sparse_ppl"],
+       "dense ppl after sparse stage": r["dense_ppl"]}
       for r, w in zip(after["lm"], warm["lm"])]), ""]
   for pr in after.get("probe", []):
     lines.append(f"Retrieval probe at {pr['length']} (distance {pr['distance']}, k {pr['k']}): copy accuracy dense "

@@ -27,7 +27,8 @@ fields ``score_dtype`` (fp8 | bfloat16 | float32), ``score`` (relu | softmax), `
 ``block``. Every point starts from the same dense model with fresh indexers (seeded), is warmed up (and
 optionally sparse-trained), then evaluated. Output in ``reports``: ``ablation.csv``, ``ablation.md``,
 ``ablation.json`` and one PNG per axis (recall, attention mass, perplexity vs the axis). Each point
-checkpoints under ``workdir/ablation/<point>/``: a rerun skips finished points.
+checkpoints under ``workdir/ablation/<preset, steps, seed>/<all its settings>/``: a rerun skips
+finished points.
 """
 
 from __future__ import annotations
@@ -102,6 +103,12 @@ def point_name(pt: dict, base: dict) -> str:
   return "base" if not changed else ",".join(f"{k}={v}" for k, v in sorted(changed.items()))
 
 
+def point_dir(pt: dict, preset_name: str, warmup_steps: int, sparse_steps: int, seed: int) -> str:
+  """The checkpoint directory of a point: every setting in the name, so that grids never share one by accident."""
+  settings = ",".join(f"{k}={v}" for k, v in sorted(pt.items())) or "release"
+  return f"ablation/{preset_name}-w{warmup_steps}-s{sparse_steps}-seed{seed}/{settings}"
+
+
 def run_grid(grid: dict, progress: bool = True, corpus_wheel=None, max_chars=None, dense_params=None) -> list[dict]:
   """Runs every point (dense_params: the trained dense model, else trained or restored in the workdir)."""
   run = grid["run"]
@@ -131,11 +138,12 @@ def run_grid(grid: dict, progress: bool = True, corpus_wheel=None, max_chars=Non
     if budget is not None:  # leave each remaining point its share, evaluations included
       share = max(0.6 * budget / (len(pts) - i), 5.0)
       cap = share if cap is None else min(cap, share)
-    st = p.stage("warmup").replace(name=f"ablation/{name}/warmup", steps=warm_steps, max_seconds=cap)
+    where = point_dir(pt, p.name, warm_steps, sparse_steps, run["seed"])
+    st = p.stage("warmup").replace(name=f"{where}/warmup", steps=warm_steps, max_seconds=cap)
     res = train_stage(params, cfg, v, st, data.train, workdir, dtype, p.remat, progress)
     params, tps, steps_done = res.params, res.tokens_per_second, {"warmup": res.steps_done}
     if sparse_steps:
-      st = p.stage("sparse").replace(name=f"ablation/{name}/sparse", steps=sparse_steps)
+      st = p.stage("sparse").replace(name=f"{where}/sparse", steps=sparse_steps)
       res = train_stage(params, cfg, v, st, data.train, workdir, dtype, p.remat, progress)
       params, steps_done["sparse"] = res.params, res.steps_done
     train_s = time.perf_counter() - t

@@ -90,7 +90,7 @@ GPU_SMALL = Preset(
                  index_n_heads=8, index_head_dim=64, index_topk=128),
     stages=(
         StageConfig("dense", "dense", steps=1500, batch_size=16, seq_len=1024, grad_accum=1, lr=2e-3,
-                    warmup_steps=100, log_every=50, ckpt_every=500, max_seconds=110),
+                    warmup_steps=100, log_every=50, ckpt_every=0, max_seconds=110),
         StageConfig("warmup", "warmup", steps=300, batch_size=16, seq_len=1024, lr=1e-3, warmup_steps=20,
                     schedule="constant", weight_decay=0.0, log_every=25, max_seconds=30),
         StageConfig("sparse", "sparse", steps=300, batch_size=16, seq_len=1024, lr=2e-4, indexer_lr=5e-4,

@@ -97,7 +97,7 @@ GPU_SMALL = Preset(
                     log_every=25, max_seconds=35),
     ),
     dtype="bfloat16", remat=False,
-    eval_lengths=(1024, 2048), eval_windows=16, metric_windows=8, probe_trials=16, probe_lengths=(2048,),
+    eval_lengths=(1024, 2048), eval_windows=16, metric_windows=8, probe_trials=16, probe_lengths=(1024,),
     ablation_warmup_steps=200, ablation_max_seconds=25,
 )
 

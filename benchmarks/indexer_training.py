@@ -1,6 +1,6 @@
 """The indexer-training experiment on one GPU: the V3.2 recipe on a small model, then one ablation axis.
 
-  PYTHONPATH=. python benchmarks/indexer_training.py --preset gpu-small --reports reports/indexer-gpu
+  PYTHONPATH=. python3 benchmarks/indexer_training.py --preset gpu-small --reports reports/indexer-gpu-small
   PYTHONPATH=. python benchmarks/indexer_training.py --preset cpu-tiny --heads 1,4 --budget 900   # CPU check
 
 1. ``train.recipe``: corpus + tokenizer, dense pre-training, indexer warm-up (main model frozen), sparse
@@ -73,6 +73,7 @@ def main(argv=None):
   rows = ablate.run_grid(grid, progress=progress, corpus_wheel=args.corpus_wheel, dense_params=result.dense_params)
   total = time.perf_counter() - t0
   write_readme(reports, summary, rows, total, t_recipe)
+  print((reports / "README.md").read_text())
   print(f"{reports / 'README.md'} ({total:.0f} s)")
 
 

@@ -284,3 +284,36 @@ def test_shipped_grids_are_valid():
   for f in files:
     grid = ablate.load_grid(f)
     assert len(ablate.points(grid)) >= 2, f
+
+
+MESH_SCRIPT = r"""
+import jax, jax.numpy as jnp, numpy as np, sys
+from jax.sharding import Mesh
+from dsv32_jax.params import init_params
+from train import loop, presets, selector
+cfg = presets.TEST.model
+params = loop.float_params(init_params(cfg, seed=0, fp8=False))
+toks = np.random.default_rng(0).integers(2, cfg.vocab_size, 3000).astype(np.int32)
+st = presets.TEST.stage("dense").replace(steps=2)
+mesh = Mesh(np.array(jax.devices()), ("data",))
+a = loop.train_stage(params, cfg, selector.RELEASE, st, toks, sys.argv[1] + "/a", progress=False, mesh=mesh)
+b = loop.train_stage(params, cfg, selector.RELEASE, st, toks, sys.argv[1] + "/b", progress=False)
+err = max(float(jnp.linalg.norm(x - y) / jnp.linalg.norm(y)) for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)))
+print("DEVICES", len(jax.devices()), "ERR", err, "SHARDED", len(jax.tree.leaves(a.params)[0].sharding.device_set))
+"""
+
+
+@pytest.mark.slow
+def test_data_parallel_on_a_mesh_equals_one_device(tmp_path):
+  """train_stage(mesh=...) on 2 CPU devices (batch split over "data") takes the one-device steps."""
+  import os
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": root}
+  out = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path)], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  fields = out.stdout.split()
+  assert fields[fields.index("DEVICES") + 1] == "2" and fields[fields.index("SHARDED") + 1] == "2"
+  assert float(fields[fields.index("ERR") + 1]) < 1e-4

@@ -54,8 +54,8 @@ def _selection_metrics(v: IndexerVariant, cfg: ModelConfig, probs, index_logits,
   target = losses.head_summed_target(probs, causal)
   true_topk = selection_mask(select_topk(jnp.where(causal, target, -jnp.inf), k), t) & causal
   active = causal.sum(-1) > k                                            # [B,S]: selection is not everything
-  n = jnp.maximum(active.sum(), 1)
-  mean = lambda x: jnp.sum(jnp.where(active, x, 0.0)) / n               # noqa: E731
+  n = active.sum()  # no query past k keys: nan (the selection is everything)
+  mean = lambda x: jnp.where(n > 0, jnp.sum(jnp.where(active, x, 0.0)) / jnp.maximum(n, 1), jnp.nan)  # noqa: E731
   hits = (true_topk & selected).sum(-1) / k
   return {
       "recall": mean(hits),

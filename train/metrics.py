@@ -99,7 +99,7 @@ def retrieval_probe(params, cfg: ModelConfig, v: IndexerVariant, stream: np.ndar
   i = np.arange(needle_len - 1)
   q_pos, k_pos = jnp.asarray(second + i), jnp.asarray(first + i + 1)   # reading needle[i], retrieve needle[i+1]
   out = {"length": length, "needle_len": needle_len, "distance": second - first, "k": v.topk(cfg, length),
-         "chance_hit": float(np.mean(v.topk(cfg, length) / (second + i + 1)))}
+         "chance_hit": float(np.mean(np.minimum(v.topk(cfg, length) / (second + i + 1), 1.0)))}
   for mode, tag in (("warmup", "dense"), ("sparse", "sparse")):
     if tag not in modes:
       continue

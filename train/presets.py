@@ -3,7 +3,7 @@
 - ``test``: a few hundred thousand parameters; unit tests.
 - ``cpu-tiny``: ~1.6M parameters (3 layers, 8 experts); the README's end-to-end run on a 2-core CPU
   in a few minutes.
-- ``gpu-small``: ~50M parameters (8 layers: 1 dense + 7 MoE with 8 routed experts, 2 active, 1 shared);
+- ``gpu-small``: ~55M parameters (8 layers: 1 dense + 7 MoE with 8 routed experts, 2 active, 1 shared);
   the H100 experiment (``benchmarks/indexer_training.py``), under 8 minutes.
 
 All are V3.2-shaped (MLA with a query latent, the lightning indexer in every layer, dense then MoE

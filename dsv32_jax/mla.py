@@ -72,15 +72,24 @@ def expand_keys(p: dict, cfg: ModelConfig, c: Float[Array, "b t c"]) -> tuple[Fl
   return k_nope, v
 
 
-def naive_attention(cfg: ModelConfig, q_nope, q_pe, k_nope: Float[Array, "b t h n"], v: Float[Array, "b t h v"],
-                    k_pe: Float[Array, "b t r"], allowed: Bool[Array, "b s t"]) -> Float[Array, "b s h v"]:
-  """MHA form (official prefill): softmax(q . [k_nope | k_pe] * scale) v with per-head keys and values."""
+def naive_attention_probs(cfg: ModelConfig, q_nope, q_pe, k_nope: Float[Array, "b t h n"], k_pe: Float[Array, "b t r"],
+                          allowed: Bool[Array, "b s t"]) -> Float[Array, "b s h t"]:
+  """The attention probabilities of the MHA form, softmax(q . [k_nope | k_pe] * scale) over the allowed keys.
+
+  Exposed for indexer training (``train/``), whose target is these probabilities summed over heads.
+  """
   dtype = q_nope.dtype
   q = jnp.concatenate([q_nope, q_pe], axis=-1)
   k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3], cfg.qk_rope_head_dim))], -1)
   scores = (_mm("bshd,bthd->bsht", q, k, dtype) * cfg.softmax_scale).astype(dtype)
-  probs = _softmax(scores, allowed[:, :, None, :], dtype)
-  return _mm("bsht,bthd->bshd", probs, v, dtype)
+  return _softmax(scores, allowed[:, :, None, :], dtype)
+
+
+def naive_attention(cfg: ModelConfig, q_nope, q_pe, k_nope: Float[Array, "b t h n"], v: Float[Array, "b t h v"],
+                    k_pe: Float[Array, "b t r"], allowed: Bool[Array, "b s t"]) -> Float[Array, "b s h v"]:
+  """MHA form (official prefill): softmax(q . [k_nope | k_pe] * scale) v with per-head keys and values."""
+  probs = naive_attention_probs(cfg, q_nope, q_pe, k_nope, k_pe, allowed)
+  return _mm("bsht,bthd->bshd", probs, v, q_nope.dtype)
 
 
 def absorb_query(p: dict, cfg: ModelConfig, q_nope: Float[Array, "b s h n"]) -> Float[Array, "b s h c"]:

@@ -37,7 +37,6 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels import sparse_mla_tpu
-from pallas_kernels.sparse_mla_tpu import MASK_VALUE, finish_softmax, masked_scores, online_softmax_step
 from pallas_kernels.tpu_common import interpret_params
 
 REFERENCE = "dsv32_jax.mla.sparse_attention_scaled"
@@ -155,26 +154,8 @@ def _sparse_mla_blocks_kernel(n_blocks_ref, q_lat_ref, q_pe_ref, table_hbm_ref, 
     return (offset >= 0) & (bit == 1)
 
   n_chunks = jnp.maximum((n_blocks_ref[n] + g_count - 1) // g_count, 1)
-  q_lat = q_lat_ref[...]
-  q_pe = q_pe_ref[...]
-  heads, latent = q_lat.shape
-  start_chunk(0, 0)
-
-  def body(c, carry):
-    buf = c % 2
-
-    @pl.when(c + 1 < n_chunks)
-    def _prefetch_next_chunk():
-      start_chunk(c + 1, 1 - buf)
-
-    wait_chunk(buf)
-    kv = kv_buf[buf]
-    return online_softmax_step(*carry, masked_scores(q_lat, q_pe, kv, pe_buf[buf], scale, chunk_mask(c)), kv)
-
-  init = (jnp.full((heads, 1), MASK_VALUE, jnp.float32), jnp.zeros((heads, 1), jnp.float32),
-          jnp.zeros((heads, latent), jnp.float32))
-  m, l, acc = jax.lax.fori_loop(0, n_chunks, body, init)
-  out_ref[...] = finish_softmax(m, l, acc, out_ref.dtype)
+  sparse_mla_tpu.attend_chunks(q_lat_ref, q_pe_ref, out_ref, kv_buf, pe_buf, n_chunks, start_chunk, wait_chunk,
+                               chunk_mask, scale)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))

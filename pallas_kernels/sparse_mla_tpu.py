@@ -70,6 +70,32 @@ def masked_scores(q_lat, q_pe, kv, pe, scale: float, mask):
   return jnp.where(mask, scores, MASK_VALUE)
 
 
+def attend_chunks(q_lat_ref, q_pe_ref, out_ref, kv_buf, pe_buf, n_chunks, start_chunk, wait_chunk, chunk_mask,
+                  scale: float) -> None:
+  """The double-buffered loop both sparse MLA kernels share: fetch chunk c+1 while attending to chunk c
+  (``chunk_mask(c)``: which of its rows count), online softmax over all 128 heads, output written once."""
+  q_lat = q_lat_ref[...]
+  q_pe = q_pe_ref[...]
+  heads, latent = q_lat.shape
+  start_chunk(0, 0)
+
+  def body(c, carry):
+    buf = c % 2
+
+    @pl.when(c + 1 < n_chunks)
+    def _prefetch_next_chunk():
+      start_chunk(c + 1, 1 - buf)
+
+    wait_chunk(buf)
+    kv = kv_buf[buf]
+    return online_softmax_step(*carry, masked_scores(q_lat, q_pe, kv, pe_buf[buf], scale, chunk_mask(c)), kv)
+
+  init = (jnp.full((heads, 1), MASK_VALUE, jnp.float32), jnp.zeros((heads, 1), jnp.float32),
+          jnp.zeros((heads, latent), jnp.float32))
+  m, l, acc = jax.lax.fori_loop(0, n_chunks, body, init)
+  out_ref[...] = finish_softmax(m, l, acc, out_ref.dtype)
+
+
 def online_softmax_step(m_prev, l_prev, acc_prev, scores, values):
   """FlashAttention's update: scores [H, n] f32 (masked entries MASK_VALUE), values [n, C]."""
   m_next = jnp.maximum(m_prev, scores.max(axis=1, keepdims=True))
@@ -132,28 +158,10 @@ def _sparse_mla_kernel(n_chunks_ref, q_lat_ref, q_pe_ref, idx_ref, idx_hbm_ref, 
     pltpu.make_async_copy(kv_buf.at[buf], kv_buf.at[buf], row_sems.at[0, buf]).wait()
     pltpu.make_async_copy(pe_buf.at[buf], pe_buf.at[buf], row_sems.at[1, buf]).wait()
 
-  n_chunks = n_chunks_ref[n]
-  q_lat = q_lat_ref[...]
-  q_pe = q_pe_ref[...]
-  heads, latent = q_lat.shape
-  start_chunk(0, 0)
+  def valid(c):
+    return idx_ref[:, pl.ds(pl.multiple_of(c * chunk, chunk), chunk)] >= 0        # [1, chunk]
 
-  def body(c, carry):
-    buf = c % 2
-
-    @pl.when(c + 1 < n_chunks)
-    def _prefetch_next_chunk():
-      start_chunk(c + 1, 1 - buf)
-
-    wait_chunk(buf)
-    kv = kv_buf[buf]
-    valid = idx_ref[:, pl.ds(pl.multiple_of(c * chunk, chunk), chunk)] >= 0        # [1, chunk]
-    return online_softmax_step(*carry, masked_scores(q_lat, q_pe, kv, pe_buf[buf], scale, valid), kv)
-
-  init = (jnp.full((heads, 1), MASK_VALUE, jnp.float32), jnp.zeros((heads, 1), jnp.float32),
-          jnp.zeros((heads, latent), jnp.float32))
-  m, l, acc = jax.lax.fori_loop(0, n_chunks, body, init)
-  out_ref[...] = finish_softmax(m, l, acc, out_ref.dtype)
+  attend_chunks(q_lat_ref, q_pe_ref, out_ref, kv_buf, pe_buf, n_chunks_ref[n], start_chunk, wait_chunk, valid, scale)
 
 
 def chunks_to_visit(idx: Int[Array, "n k"], chunk: int) -> Int[Array, "n"]:

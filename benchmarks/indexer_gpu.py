@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import median_seconds
+from benchmarks.timing import measured_hbm_bandwidth, median_seconds
 from dsv32_jax import indexer, quant
 from pallas_kernels.indexer_logits_mgpu import IndexerLogitsConfig, index_logits_mgpu
 from pallas_kernels.topk_gpu import TopkGpuConfig, topk_gpu
@@ -61,12 +61,8 @@ def main():
   print(f"device: {dev}, jax {jax.__version__}", flush=True)
 
   # HBM ceiling, measured: a device-to-device copy (bytes read + written).
-  big = jnp.ones((1 << 30,), jnp.float32)
-  copy = jax.jit(lambda x: x + 1)
-  t = median_seconds(copy, big, iters=5)
-  hbm = 2 * big.nbytes / t
-  report("HBM copy (read + write)", t, TBps=hbm / 1e12)
-  del big
+  hbm = measured_hbm_bandwidth()
+  report("HBM copy (read + write), 4 GiB", 8 * 2**30 / hbm, TBps=hbm / 1e12)
 
   # Correctness on this GPU.
   key = jax.random.key(0)

@@ -8,16 +8,22 @@ Official ``Gate`` / ``MoE`` (``../shared/reference-spec.md`` section 6)::
   y = sum_i w_i * expert_i(x) + shared(x)                    # accumulated in fp32
 
 Experts run as a grouped matmul over the (token, expert) pairs sorted by expert, so each expert's
-weights are read once, with static shapes and no host sync.
+weights are read once, with static shapes and no host sync. FP8 experts on a GPU go through the
+grouped FP8 GEMM kernel in the block-aligned layout (``align_to_blocks``); elsewhere the ragged
+``dispatch.grouped_matmul`` multiplies the dequantised weights.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from dsv32_jax import quant
 from dsv32_jax.config import ModelConfig
 from dsv32_jax.layers import linear_operands, swiglu
 from pallas_kernels import dispatch
@@ -56,12 +62,64 @@ def grouped_swiglu(p: dict, rows: Float[Array, "m d"], group_sizes: Int[Array, "
   return grouped_linear(p["w2"], hidden, group_sizes, impl)
 
 
+class ExpertBlocks(NamedTuple):
+  """(token, slot) pairs sorted by expert, each expert's rows padded to a multiple of block_m."""
+
+  row_pair: Int[Array, "m"]       # the pair (token * k + slot) of each row; n * k on padding rows
+  block_expert: Int[Array, "nb"]  # the expert of each block of block_m rows; -1 past the last used block
+
+
+def align_to_blocks(idx: Int[Array, "n k"], n_experts: int, block_m: int) -> ExpertBlocks:
+  """The block-aligned layout of the grouped FP8 GEMM, inside jit with static shapes.
+
+  Rows: n*k pairs plus at most block_m - 1 padding rows for each expert that has any, so the static
+  row count is n*k + min(E, n*k) * (block_m - 1), rounded up to block_m.
+  """
+  pairs = idx.size
+  flat = idx.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  sizes = jnp.bincount(flat, length=n_experts)
+  padded = -(-sizes // block_m) * block_m
+  padded_end = jnp.cumsum(padded)
+  expert = flat[order]
+  row = (padded_end - padded)[expert] + jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[expert]
+  m = -(-(pairs + min(n_experts, pairs) * (block_m - 1)) // block_m) * block_m
+  row_pair = jnp.full(m, pairs, jnp.int32).at[row].set(order.astype(jnp.int32))
+  block_start = jnp.arange(m // block_m) * block_m
+  block_expert = jnp.searchsorted(padded_end, block_start, side="right").astype(jnp.int32)
+  return ExpertBlocks(row_pair, jnp.where(block_start < padded_end[-1], block_expert, -1))
+
+
+def _routed_experts_fp8_kernel(p: dict, x: Float[Array, "n d"], weights: Float[Array, "n k"], idx: Int[Array, "n k"],
+                               n_experts: int, interpret: bool) -> Float[Array, "n d"]:
+  """routed_experts through the grouped FP8 GEMM: gate and up in one launch, SwiGLU, down, combine."""
+  from pallas_kernels.grouped_gemm_fp8_mgpu import DEFAULT_CONFIG, grouped_gemm_fp8
+  n, k = idx.shape
+  blocks = align_to_blocks(idx, n_experts, DEFAULT_CONFIG.block_m)
+  token = blocks.row_pair // k  # n on padding rows: gathered as zeros, dropped by the scatter
+  xq, xs = quant.act_quant(x)   # per token: the same values as quantising each routed copy
+  rows_q = jnp.take(xq, token, axis=0, mode="fill", fill_value=0)
+  rows_s = jnp.take(xs, token, axis=0, mode="fill", fill_value=0)
+  gemm = functools.partial(grouped_gemm_fp8, block_expert=blocks.block_expert, out_dtype=x.dtype, interpret=interpret)
+  gate, up = gemm(rows_q, rows_s, (p["w1"]["weight"], p["w3"]["weight"]), (p["w1"]["scale"], p["w3"]["scale"]))
+  hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
+  out = gemm(*quant.act_quant(hidden), (p["w2"]["weight"],), (p["w2"]["scale"],))[0]
+  pair_weight = jnp.take(weights.reshape(-1), blocks.row_pair, mode="fill", fill_value=0)
+  # Rows of unused blocks hold whatever the kernel left there: their token is n, so they are dropped.
+  return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out.astype(jnp.float32) * pair_weight[:, None],
+                                                                 mode="drop")
+
+
 def routed_experts(p: dict, cfg: ModelConfig, x: Float[Array, "n d"], weights: Float[Array, "n k"],
                    idx: Int[Array, "n k"], impl: str = "auto") -> Float[Array, "n d"]:
   """sum_k weights[:, k] * expert_{idx[:, k]}(x), in float32, as one grouped matmul per projection."""
   n, k = idx.shape
   chex.assert_shape(x, (n, cfg.dim))
   chex.assert_equal_shape([weights, idx])
+  fp8 = all("scale" in p[name] for name in ("w1", "w2", "w3"))
+  backend = dispatch.fp8_experts_backend(impl, fp8, (cfg.dim, cfg.moe_inter_dim))
+  if backend is not None:
+    return _routed_experts_fp8_kernel(p, x, weights, idx, cfg.n_routed_experts, interpret=backend == "interpret")
   flat = idx.reshape(-1)
   order = jnp.argsort(flat, stable=True)              # (token, slot) pairs sorted by expert
   token = order // k

@@ -100,6 +100,26 @@ def _ragged_dot_mgpu(x, w, group_sizes):
       transpose_rhs=True)
 
 
+def fp8_experts_backend(impl: str, fp8_weights: bool, dims: tuple[int, ...]) -> str | None:
+  """How the routed experts run: through ``pallas_kernels.grouped_gemm_fp8_mgpu`` -- ``"gpu"``
+  (compiled) or ``"interpret"`` (Mosaic GPU interpret mode, for ``impl="pallas"`` off a GPU) -- or
+  ``None``: the ragged ``grouped_matmul`` over dequantised weights (the reference path).
+
+  The kernel takes the release's FP8 experts (e4m3 + 128x128 block scales) with every matrix
+  dimension a multiple of 128.
+  """
+  _check_impl(impl)
+  if impl == "reference" or not fp8_weights:
+    return None
+  if any(d % 128 for d in dims):
+    if impl == "pallas":
+      raise ValueError(f"grouped FP8 GEMM (impl='pallas'): expert dimensions {dims} must be multiples of 128")
+    return None
+  if on_gpu():
+    return "gpu"
+  return "interpret" if impl == "pallas" else None
+
+
 # --- DeepSeek Sparse Attention: lightning-indexer logits, top-k selection, sparse MLA ------------
 
 

@@ -229,6 +229,14 @@ def test_resume_equals_uninterrupted(params, stream, tmp_path):
   assert whole.history[-1]["loss"] == rest.history[-1]["loss"]
 
 
+def test_time_cap_logs_the_last_step(params, stream, tmp_path):
+  """A stage stopped by ``max_seconds`` between log steps still reports its last step's loss."""
+  stage = TEST.stage("sparse").replace(steps=50, log_every=25, max_seconds=0.0)
+  result = train_stage(params, CFG, RELEASE, stage, stream, tmp_path / "capped", progress=False)
+  assert result.steps_done == 1
+  assert [h["step"] for h in result.history] == [1] and np.isfinite(result.history[-1]["lm_loss"])
+
+
 def test_corpus_and_tokenizer(tmp_path):
   plays = data_lib.load_plays()
   assert len(plays) >= 37 and "hamlet" in plays and len(plays["hamlet"]) > 100_000

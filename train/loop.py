@@ -308,7 +308,8 @@ def train_stage(params: Params, cfg: ModelConfig, v: IndexerVariant, stage: Stag
         jax.block_until_ready(metrics["loss"])
         compile_s = time.perf_counter() - t_start
         t_log, steps_since_log = time.perf_counter(), 0
-      if (i + 1) % stage.log_every == 0 or i + 1 == end:
+      timed_out = stage.max_seconds is not None and time.perf_counter() - t_start > stage.max_seconds
+      if (i + 1) % stage.log_every == 0 or i + 1 == end or timed_out:  # a stage stopped by its time cap logs its last step too
         m = jax.device_get(metrics)
         now = time.perf_counter()
         tps = steps_since_log * tokens_per_step / max(now - t_log, 1e-9) if steps_since_log else float("nan")
@@ -324,8 +325,7 @@ def train_stage(params: Params, cfg: ModelConfig, v: IndexerVariant, stage: Stag
       bar.update(1)
       if stage.ckpt_every and (i + 1) % stage.ckpt_every == 0 and i + 1 < end:
         mngr.save(i + 1, args=ocp.args.StandardSave(state))
-      if stage.max_seconds is not None and time.perf_counter() - t_start > stage.max_seconds:
-        timed_out = True
+      if timed_out:
         break
   bar.close()
   done = int(state["step"])

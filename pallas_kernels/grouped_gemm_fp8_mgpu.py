@@ -1,0 +1,167 @@
+"""Grouped FP8 GEMM with 128x128 block-scaled weights for the routed experts (Pallas Mosaic GPU).
+
+For rows sorted by expert in the *block-aligned layout* (each expert's rows padded to a multiple of
+``block_m``, as DeepGEMM's contiguous layout and vLLM's ``moe_align_block_size`` do), computes
+
+  out[r, n] = sum_kb  xs[r, kb] * ws[e, n // 128, kb] * (xq[r, kb*128:(kb+1)*128] . w[e, n, kb*128:(kb+1)*128])
+
+with e = block_expert[r // block_m]: the official ``fp8_gemm`` (e4m3 activations quantised per 1x128
+with their scales, e4m3 weights with a scale per 128x128 block), one expert per row block. Blocks
+with ``block_expert < 0`` (past the last used block) are skipped and left unwritten.
+
+Work decomposition. A CTA owns one ``block_m x block_n`` output tile (``block_n`` = 128 = one weight
+scale block) of one expert. K streams in 128-wide steps through a TMA pipeline; each step's FP8
+wgmma accumulates into a fresh float32 accumulator, which is then *promoted* into the running sum
+with the step's scales (x's per-row scale times the weight block's scalar): the two-level
+accumulation DeepGEMM uses, since FP8 wgmma has no per-block scales of its own. One warpgroup per
+CTA, 64 rows: the running sum and the step's product are 64 + 64 registers a thread, so two CTAs
+share an SM and one's promotion overlaps the other's wgmma.
+
+Several weights of the same shape (an expert's gate and up projections) go in one launch: the
+grid's first axis picks the weight, the x tile is read once per weight.
+
+Reference: ``grouped_gemm_fp8_reference`` (the dequantised operands through ``jax.lax.ragged_dot``
+with the padded group sizes), equal up to the order of the float32 sums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxtyping import Array, Float, Int
+
+from dsv32_jax import quant
+
+FP8 = jnp.float8_e4m3fn
+SCALE_BLOCK = quant.FP8_BLOCK  # 128: the release's weight-scale block and the activation-scale block
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedGemmConfig:
+  """Tiling of the Mosaic GPU grouped FP8 GEMM."""
+
+  block_m: int = 64             # rows per CTA (the wgmma M; the routing glue pads each expert to it)
+  block_n: int = 128            # output columns per CTA: one weight-scale block
+  max_concurrent_steps: int = 4  # depth of the K pipeline (each step: block_m x 128 + block_n x 128 bytes)
+
+  def __post_init__(self):
+    if self.block_m % 64:
+      raise ValueError(f"block_m = {self.block_m} must be a multiple of 64 (the wgmma M)")
+    if self.block_n != SCALE_BLOCK:
+      raise ValueError(f"block_n = {self.block_n}: the kernel applies one weight scale per tile, so it must be "
+                       f"{SCALE_BLOCK}")
+
+
+DEFAULT_CONFIG = GroupedGemmConfig()
+
+
+def _check_operands(xq, xs, weights, w_scales, block_expert, block_m):
+  m, k = xq.shape
+  if xq.dtype != FP8 or any(w.dtype != FP8 for w in weights):
+    raise TypeError(f"grouped_gemm_fp8 takes e4m3 activations and weights, got {xq.dtype} and "
+                    f"{[str(w.dtype) for w in weights]}")
+  if k % SCALE_BLOCK:
+    raise ValueError(f"K = {k} must be a multiple of {SCALE_BLOCK}")
+  if xs.shape != (m, k // SCALE_BLOCK):
+    raise ValueError(f"activation scales have shape {xs.shape}, expected {(m, k // SCALE_BLOCK)} (one per 1x128 block)")
+  if m % block_m or block_expert.shape != (m // block_m,):
+    raise ValueError(f"{m} rows with block_m {block_m} need {m // block_m} block experts, got {block_expert.shape} "
+                     f"(rows must be padded to a multiple of block_m)")
+  shape = weights[0].shape
+  for w, s in zip(weights, w_scales):
+    if w.shape != shape or w.shape[2] != k or w.shape[1] % SCALE_BLOCK:
+      raise ValueError(f"weights must all be [E, N, {k}] with N a multiple of {SCALE_BLOCK}, got "
+                       f"{[tuple(x.shape) for x in weights]}")
+    if s.shape != (shape[0], shape[1] // SCALE_BLOCK, k // SCALE_BLOCK):
+      raise ValueError(f"weight scales have shape {s.shape}, expected "
+                       f"{(shape[0], shape[1] // SCALE_BLOCK, k // SCALE_BLOCK)} (one per 128x128 block)")
+
+
+def grouped_gemm_fp8(xq: Float[Array, "m k"], xs: Float[Array, "m kb"], weights: tuple[Float[Array, "e n k"], ...],
+                     w_scales: tuple[Float[Array, "e nb kb"], ...], block_expert: Int[Array, "blocks"],
+                     config: GroupedGemmConfig = DEFAULT_CONFIG, out_dtype=jnp.bfloat16,
+                     interpret: bool = False) -> Float[Array, "w m n"]:
+  """[len(weights), M, N]: each weight's grouped product over the block-aligned rows.
+
+  xq: e4m3 rows sorted by expert, each expert padded to a multiple of block_m; xs: their scales
+  per 1x128 block; weights: e4m3 [E, N, K] (the release's [out, in]); w_scales: [E, N/128, K/128];
+  block_expert: the expert of each block of block_m rows, < 0 for unused blocks (output undefined).
+  """
+  bm, bn, bk = config.block_m, config.block_n, SCALE_BLOCK
+  _check_operands(xq, xs, weights, w_scales, block_expert, bm)
+  m, k = xq.shape
+  n = weights[0].shape[1]
+  n_weights, n_blocks_m, n_blocks_n, k_steps = len(weights), m // bm, n // bn, k // bk
+  xs_t = xs.astype(jnp.float32).T  # [K/128, M]: a row block's scales of one K step are contiguous
+  tiled = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
+
+  def kernel(block_expert_gmem, xs_gmem, x_gmem, *refs):
+    w_gmems, ws_gmems = refs[:n_weights], refs[n_weights:2 * n_weights]
+    out_gmem, o_smem = refs[2 * n_weights:]
+    wi, ni, mi = lax.axis_index("w"), lax.axis_index("n"), lax.axis_index("m")
+    expert = block_expert_gmem[mi]
+
+    def tile(w_gmem, ws_gmem):
+      def step(idx, x_smem, w_smem, xs_smem, acc):
+        def product(tmp_ref):  # this K step's x . w^T, FP8 operands, float32 accumulation
+          plgpu.wgmma(tmp_ref, x_smem, w_smem.T)
+          return plgpu.wgmma_accumulator_load(tmp_ref)
+        partial = pl.run_scoped(product, plgpu.ACC((bm, bn), jnp.float32))
+        scale = xs_smem[0] * ws_gmem[expert, ni, idx[0]]  # per row: x's block scale times the weight block's
+        return acc + partial * lax.broadcast_in_dim(scale, (bm, bn), [0])
+
+      acc = plgpu.emit_pipeline(
+          step,
+          grid=(k_steps,),
+          in_specs=[
+              plgpu.BlockSpec((bm, bk), lambda s: (mi, s), transforms=tiled),
+              plgpu.BlockSpec((bn, bk), lambda s: (ni, s), transforms=tiled),
+              plgpu.BlockSpec((1, bm), lambda s: (s, mi)),
+          ],
+          max_concurrent_steps=config.max_concurrent_steps,
+          init_carry=plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA),
+      )(x_gmem, w_gmem.at[expert], xs_gmem)
+      o_smem[...] = acc.astype(o_smem.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[wi, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
+      plgpu.wait_smem_to_gmem(0)
+
+    for which in range(n_weights):  # one pipeline per weight array (a ref cannot be chosen at run time)
+      @pl.when((expert >= 0) & (wi == which))
+      def _tile():
+        tile(w_gmems[which], ws_gmems[which])
+
+  run = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((n_weights, m, n), out_dtype),
+      scratch_types=[plgpu.SMEM((bm, bn), out_dtype)],
+      grid=(n_weights, n_blocks_n, n_blocks_m),
+      grid_names=("w", "n", "m"),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=plgpu.InterpretGPUParams() if interpret else None,
+  )
+  return run(block_expert.astype(jnp.int32), xs_t, xq, *weights, *(s.astype(jnp.float32) for s in w_scales))
+
+
+def grouped_gemm_fp8_reference(xq: Float[Array, "m k"], xs: Float[Array, "m kb"],
+                               weights: tuple[Float[Array, "e n k"], ...], w_scales: tuple[Float[Array, "e nb kb"], ...],
+                               block_expert: Int[Array, "blocks"], block_m: int = DEFAULT_CONFIG.block_m,
+                               out_dtype=jnp.bfloat16) -> Float[Array, "w m n"]:
+  """The same products from the dequantised operands (exact: e4m3 x power-of-two scales), float32 sums.
+
+  The block-aligned layout is a ragged one whose group sizes are the padded sizes; rows of unused
+  blocks come out as zeros here.
+  """
+  from pallas_kernels.dispatch import grouped_matmul_reference
+  n_experts = weights[0].shape[0]
+  x = quant.act_dequant(xq, xs)
+  used = jnp.where(block_expert >= 0, block_expert, n_experts)  # unused blocks: out of range, dropped
+  blocks_per_expert = jnp.zeros(n_experts, jnp.int32).at[used].add(1, mode="drop")
+  sizes = blocks_per_expert * block_m
+  return jnp.stack([grouped_matmul_reference(x, quant.dequant_weight(w, s, jnp.float32), sizes).astype(out_dtype)
+                    for w, s in zip(weights, w_scales)])

@@ -1,0 +1,130 @@
+"""The grouped FP8 GEMM of the routed experts (Mosaic GPU; interpreted on the CPU) and its routing glue."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv32_jax import moe, quant
+from dsv32_jax.config import preset
+from dsv32_jax.params import init_params
+from pallas_kernels import dispatch
+from pallas_kernels.grouped_gemm_fp8_mgpu import (GroupedGemmConfig, grouped_gemm_fp8, grouped_gemm_fp8_reference)
+from tests.conftest import rel_err
+
+BM = GroupedGemmConfig().block_m
+
+
+def fp8_experts(rng, e, n, k):
+  """Random e4m3 [E, N, K] with the release's power-of-two 128x128 block scales."""
+  pairs = [quant.quantize_weight_np(rng.standard_normal((n, k)).astype(np.float32) * k ** -0.5) for _ in range(e)]
+  return jnp.asarray(np.stack([w for w, _ in pairs])), jnp.asarray(np.stack([s for _, s in pairs]))
+
+
+def block_layout(sizes, unused_blocks=2):
+  """block_expert for the given rows per expert, padded to BM, plus some unused blocks."""
+  parts = [np.full(-(-z // BM), e) for e, z in enumerate(sizes)] + [np.full(unused_blocks, -1)]
+  return np.concatenate(parts).astype(np.int32)
+
+
+@pytest.mark.parametrize("sizes, n, k, n_weights", [
+    ([70, 0, 1, 130], 256, 256, 2),     # an empty group, a group of one row, non-multiples of block_m
+    ([0, 64, 0], 128, 384, 1),          # a group of exactly one block between empty ones
+])
+def test_kernel_equals_the_reference_in_interpret_mode(rng, sizes, n, k, n_weights):
+  be = block_layout(sizes)
+  m = len(be) * BM
+  xq, xs = quant.act_quant(jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.1, 10, (m, 1)), jnp.float32))
+  weights = [fp8_experts(rng, len(sizes), n, k) for _ in range(n_weights)]
+  args = (xq, xs, tuple(w for w, _ in weights), tuple(s for _, s in weights), jnp.asarray(be))
+  got = grouped_gemm_fp8(*args, out_dtype=jnp.float32, interpret=True)
+  ref = grouped_gemm_fp8_reference(*args, out_dtype=jnp.float32)
+  used = int(np.sum(be >= 0)) * BM
+  assert got.shape == (n_weights, m, n)
+  assert rel_err(got[:, :used], ref[:, :used]) < 1e-5
+
+
+def test_kernel_lowers_for_hopper_at_the_671b_shapes():
+  cfg = preset("v32-671b")
+  e, d, i, m = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, 64 * 300
+  f8, s = jnp.float8_e4m3fn, jax.ShapeDtypeStruct
+  for n, k, count in ((i, d, 2), (d, i, 1)):  # gate + up in one launch; down
+    args = (s((m, k), f8), s((m, k // 128), jnp.float32), (s((e, n, k), f8),) * count,
+            (s((e, n // 128, k // 128), jnp.float32),) * count, s((m // 64,), jnp.int32))
+    text = jax.jit(grouped_gemm_fp8).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_kernel_rejects_bad_operands(rng):
+  w, s = fp8_experts(rng, 2, 128, 256)
+  xq, xs = quant.act_quant(jnp.ones((128, 256)))
+  be = jnp.array([0, 1], jnp.int32)
+  with pytest.raises(TypeError, match="e4m3"):
+    grouped_gemm_fp8(xq.astype(jnp.bfloat16), xs, (w,), (s,), be)
+  with pytest.raises(ValueError, match="block experts"):
+    grouped_gemm_fp8(xq[:100], xs[:100], (w,), (s,), be)
+  with pytest.raises(ValueError, match="weight scales"):
+    grouped_gemm_fp8(xq, xs, (w,), (s[:, :, :1],), be)
+  with pytest.raises(ValueError, match="block_m"):
+    GroupedGemmConfig(block_m=48)
+
+
+def test_align_to_blocks(rng):
+  n, k, e = 45, 4, 16
+  idx = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
+  idx[:, 0] = 5                                        # one popular expert; others get no rows
+  blocks = jax.jit(moe.align_to_blocks, static_argnums=(1, 2))(jnp.asarray(idx), e, BM)
+  row_pair, block_expert = np.asarray(blocks.row_pair), np.asarray(blocks.block_expert)
+  assert row_pair.shape == (-(-(n * k + e * (BM - 1)) // BM) * BM,)
+  real = row_pair < n * k
+  assert sorted(row_pair[real]) == list(range(n * k))  # every (token, slot) pair exactly once
+  row_expert = np.repeat(block_expert, BM)
+  np.testing.assert_array_equal(row_expert[real], idx.reshape(-1)[row_pair[real]])
+  sizes = np.bincount(idx.reshape(-1), minlength=e)
+  np.testing.assert_array_equal(np.bincount(block_expert[block_expert >= 0], minlength=e), -(-sizes // BM))
+  used = block_expert >= 0
+  assert used[:used.sum()].all() and not used[used.sum():].any()  # used blocks first, in expert order
+  assert np.all(np.diff(block_expert[used]) >= 0)
+
+
+def test_moe_through_the_kernel_equals_the_reference(tiny_cfg, rng):
+  """routed_experts with impl="pallas" on the CPU: routing glue + the kernel interpreted, float32."""
+  p = jax.tree.map(lambda a: jnp.asarray(a)[1], init_params(tiny_cfg, seed=5, fp8=True)["moe_layers"])["ffn"]
+  x = jnp.asarray(rng.standard_normal((1, 37, tiny_cfg.dim)), jnp.float32)
+  assert dispatch.fp8_experts_backend("pallas", True, (tiny_cfg.dim, tiny_cfg.moe_inter_dim)) == "interpret"
+  got = moe.moe(p, tiny_cfg, x, impl="pallas")
+  ref = moe.moe(p, tiny_cfg, x, impl="reference")
+  assert rel_err(got, ref) < 1e-5
+
+
+def test_fp8_experts_backend_choice():
+  assert dispatch.fp8_experts_backend("reference", True, (256, 128)) is None
+  assert dispatch.fp8_experts_backend("auto", False, (256, 128)) is None
+  if not dispatch.on_gpu():
+    assert dispatch.fp8_experts_backend("auto", True, (256, 128)) is None
+  with pytest.raises(ValueError, match="multiples of 128"):
+    dispatch.fp8_experts_backend("pallas", True, (256, 96))
+
+
+@pytest.mark.gpu
+def test_kernel_on_gpu(rng):
+  sizes = [300, 0, 17, 0, 1, 190, 0, 64]
+  be = block_layout(sizes)
+  m = len(be) * BM
+  xq, xs = quant.act_quant(jnp.asarray(rng.standard_normal((m, 512)), jnp.bfloat16))
+  weights = [fp8_experts(rng, len(sizes), 384, 512) for _ in range(2)]
+  args = (xq, xs, tuple(w for w, _ in weights), tuple(s for _, s in weights), jnp.asarray(be))
+  used = int(np.sum(be >= 0)) * BM
+  got = jax.jit(grouped_gemm_fp8)(*args)[:, :used].astype(jnp.float32)
+  ref = grouped_gemm_fp8_reference(*args, out_dtype=jnp.float32)[:, :used]
+  assert rel_err(got, ref) < 1e-2  # bf16 output
+
+
+@pytest.mark.gpu
+def test_moe_layer_with_the_kernel_on_gpu(tiny_cfg, rng):
+  p = jax.tree.map(lambda a: jnp.asarray(a)[1], init_params(tiny_cfg, seed=5, fp8=True)["moe_layers"])["ffn"]
+  x = jnp.asarray(rng.standard_normal((2, 33, tiny_cfg.dim)), jnp.bfloat16)
+  assert dispatch.fp8_experts_backend("auto", True, (tiny_cfg.dim, tiny_cfg.moe_inter_dim)) == "gpu"
+  got = jax.jit(lambda p, x: moe.moe(p, tiny_cfg, x))(p, x)
+  ref = moe.moe(p, tiny_cfg, x.astype(jnp.float32), impl="reference")
+  assert rel_err(got.astype(jnp.float32), ref) < 2e-2

@@ -85,7 +85,7 @@ def main():
   ap.add_argument("--out")
   ap.add_argument("--routed-rows", type=int, nargs="*", default=[1024, 8192, 32768, 131072])
   ap.add_argument("--moe-tokens", type=int, nargs="*", default=[128, 4096, 16384])
-  ap.add_argument("--xla-max-rows", type=int, default=8192, help="jax.lax.ragged_dot only up to this many rows")
+  ap.add_argument("--xla-max-rows", type=int, default=1024, help="jax.lax.ragged_dot only up to this many rows")
   args = ap.parse_args()
   dev = jax.devices()[0].device_kind
   print(f"device: {dev}, jax {jax.__version__}, kernel config {DEFAULT_CONFIG}", flush=True)
@@ -100,12 +100,11 @@ def main():
   w1_bf16, w3_bf16, w2_bf16 = bf16_weights(w1, s1), bf16_weights(w3, s3), bf16_weights(w2, s2)
   scale_bytes = 4 * (s1.size + s3.size + s2.size) // E
 
-  gate_up = jax.jit(lambda q, s, be: grouped_gemm_fp8(q, s, (w1, w3), (s1, s3), be))
-  down = jax.jit(lambda q, s, be: grouped_gemm_fp8(q, s, (w2,), (s2,), be))
-  mgpu = jax.jit(lambda x, w, g: dispatch._ragged_dot_mgpu(x, w, g))
-  mgpu_gate_up = jax.jit(lambda x, g: (mgpu(x, w1_bf16, g), mgpu(x, w3_bf16, g)))
-  xla_gate_up = jax.jit(lambda x, g: (dispatch.grouped_matmul_reference(x, w1_bf16, g),
-                                      dispatch.grouped_matmul_reference(x, w3_bf16, g)))
+  # Weights go in as arguments: a jitted closure over them would embed gigabytes of constants.
+  gate_up = jax.jit(lambda q, s, be, w: grouped_gemm_fp8(q, s, w[:2], w[2:], be))
+  down = jax.jit(lambda q, s, be, w: grouped_gemm_fp8(q, s, w[:1], w[1:], be))
+  mgpu = jax.jit(lambda x, g, *ws: tuple(dispatch._ragged_dot_mgpu(x, w, g) for w in ws))
+  xla = jax.jit(lambda x, g, *ws: tuple(dispatch.grouped_matmul_reference(x, w, g) for w in ws))
 
   for rows in args.routed_rows:
     tokens = rows // TOPK
@@ -125,24 +124,24 @@ def main():
     bytes_down = experts_used * (DIM * INTER + scale_bytes / 3)
     tag = f"{rows // 1024}K rows ({experts_used} experts, {padded_rows} padded)"
 
-    t = median_seconds(gate_up, rows_q, rows_s, blocks.block_expert)
+    t = median_seconds(gate_up, rows_q, rows_s, blocks.block_expert, (w1, w3, s1, s3))
     report(f"fp8 kernel gate+up, {tag}", t, TFLOPs=flops_up / t / 1e12, weight_HBM_share=bytes_up / t / hbm)
-    t = median_seconds(down, hq, hs, blocks.block_expert)
+    t = median_seconds(down, hq, hs, blocks.block_expert, (w2, s2))
     report(f"fp8 kernel down, {tag}", t, TFLOPs=flops_down / t / 1e12, weight_HBM_share=bytes_down / t / hbm)
 
     order = jnp.argsort(idx.reshape(-1), stable=True)
     x_sorted = x[order // TOPK]
     h_sorted = h[:rows]
     sizes = jnp.bincount(idx.reshape(-1), length=E).astype(jnp.int32)
-    t = median_seconds(mgpu_gate_up, x_sorted, sizes)
+    t = median_seconds(mgpu, x_sorted, sizes, w1_bf16, w3_bf16)
     report(f"ragged_dot_mgpu bf16 gate+up, {rows // 1024}K rows", t, TFLOPs=flops_up / t / 1e12,
            weight_HBM_share=2 * bytes_up / t / hbm)
-    t = median_seconds(mgpu, h_sorted, w2_bf16, sizes)
+    t = median_seconds(mgpu, h_sorted, sizes, w2_bf16)
     report(f"ragged_dot_mgpu bf16 down, {rows // 1024}K rows", t, TFLOPs=flops_down / t / 1e12,
            weight_HBM_share=2 * bytes_down / t / hbm)
     if rows <= args.xla_max_rows:
       try:
-        t = median_seconds(xla_gate_up, x_sorted, sizes, iters=3)
+        t = median_seconds(xla, x_sorted, sizes, w1_bf16, w3_bf16, iters=3)
         report(f"jax.lax.ragged_dot bf16 gate+up, {rows // 1024}K rows", t, TFLOPs=flops_up / t / 1e12)
       except Exception as err:  # noqa: BLE001  (XLA's dense expansion runs out of memory at large sizes)
         report(f"jax.lax.ragged_dot bf16 gate+up, {rows // 1024}K rows: {type(err).__name__}", float("nan"))
@@ -165,9 +164,10 @@ def main():
   for tokens in args.moe_tokens:
     x = jax.random.normal(jax.random.fold_in(key, tokens), (1, tokens, DIM), jnp.bfloat16)
     if tokens == args.moe_tokens[0]:
+      # bf16 experts take unquantised activations: the two differ by the activations' e4m3 rounding (~3%).
       err = rel(layer(p_fp8, x).astype(jnp.float32), layer(p_bf16, x).astype(jnp.float32))
-      report(f"check: MoE layer, fp8 kernel vs bf16 ragged_dot_mgpu, {tokens} tokens", 0.0, rel_err=err)
-      assert err < 2e-2, err
+      report(f"check: MoE layer, fp8 kernel vs bf16 experts, {tokens} tokens", 0.0, rel_err=err)
+      assert err < 6e-2, err
     for name, p in (("fp8 kernel", p_fp8), ("bf16 experts, ragged_dot_mgpu", p_bf16)):
       t = median_seconds(layer, p, x)
       report(f"MoE layer ({name}), {tokens} tokens", t, us_per_token=t / tokens * 1e6, tokens_per_s=tokens / t)

@@ -38,7 +38,9 @@ def act_quant(x: Float[Array, "... n"], block: int = FP8_BLOCK, ue8m0: bool = Tr
   amax = jnp.max(jnp.abs(xb), axis=-1)
   scale = ue8m0_scale(amax) if ue8m0 else jnp.maximum(amax, AMAX_FLOOR) / FP8_MAX
   y = jnp.clip(xb / scale[..., None], -FP8_MAX, FP8_MAX).astype(FP8)
-  return y.reshape(x.shape), scale
+  # The barrier keeps the e4m3 rounding: with excess precision allowed (its default), XLA on GPU
+  # removes a float32 -> e4m3 -> float32 convert pair, which would skip the quantisation of fake_quant.
+  return jax.lax.optimization_barrier(y).reshape(x.shape), scale
 
 
 def act_dequant(y: Float[Array, "... n"], scale: Float[Array, "... nb"], dtype=jnp.float32):

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -63,3 +64,13 @@ def test_weight_block_quantisation_with_partial_blocks(rng):
     np.testing.assert_array_equal(deq[blk], q[blk].astype(np.float32) * s[i, j])
   np.testing.assert_array_equal(np.asarray(quant.dequant_weight(jnp.asarray(q), jnp.asarray(s), jnp.bfloat16)
                                            ).astype(np.float32), deq)  # exact in bf16 with ue8m0 scales
+
+
+@pytest.mark.gpu
+def test_fake_quant_rounds_to_e4m3_under_jit_on_gpu(rng):
+  """XLA on GPU may drop a float32 -> e4m3 -> float32 round trip (excess precision); ours must not."""
+  x = rng.standard_normal((64, 512)).astype(np.float32)
+  y, s = official_act_quant(x)
+  expected = (y.astype(np.float32).reshape(64, 4, 128) * s[..., None]).reshape(64, 512)
+  got = np.asarray(jax.jit(quant.fake_quant)(jnp.asarray(x)))
+  np.testing.assert_array_equal(got, expected)

@@ -23,7 +23,8 @@ from benchmarks.timing import measured_hbm_bandwidth, median_seconds
 from dsv32_jax import moe, quant
 from dsv32_jax.config import preset
 from pallas_kernels import dispatch
-from pallas_kernels.grouped_gemm_fp8_mgpu import DEFAULT_CONFIG, grouped_gemm_fp8, grouped_gemm_fp8_reference
+from pallas_kernels.grouped_gemm_fp8_mgpu import (DEFAULT_CONFIG, GroupedGemmConfig, grouped_gemm_fp8,
+                                                  grouped_gemm_fp8_reference)
 
 CFG = preset("v32-671b")
 E, DIM, INTER, TOPK = CFG.n_routed_experts, CFG.dim, CFG.moe_inter_dim, CFG.n_activated_experts
@@ -86,6 +87,9 @@ def main():
   ap.add_argument("--routed-rows", type=int, nargs="*", default=[1024, 8192, 32768, 131072])
   ap.add_argument("--moe-tokens", type=int, nargs="*", default=[128, 4096, 16384])
   ap.add_argument("--xla-max-rows", type=int, default=1024, help="jax.lax.ragged_dot only up to this many rows")
+  ap.add_argument("--steps", type=int, nargs="*", default=[DEFAULT_CONFIG.max_concurrent_steps],
+                  help="K-pipeline depths of the kernel to time (a tuning sweep)")
+  ap.add_argument("--kernel-only", action="store_true", help="skip the ragged_dot baselines")
   args = ap.parse_args()
   dev = jax.devices()[0].device_kind
   print(f"device: {dev}, jax {jax.__version__}, kernel config {DEFAULT_CONFIG}", flush=True)
@@ -97,12 +101,14 @@ def main():
   w1, s1 = fp8_weights(jax.random.fold_in(key, 2), E, INTER, DIM)
   w3, s3 = fp8_weights(jax.random.fold_in(key, 3), E, INTER, DIM)
   w2, s2 = fp8_weights(jax.random.fold_in(key, 4), E, DIM, INTER)
-  w1_bf16, w3_bf16, w2_bf16 = bf16_weights(w1, s1), bf16_weights(w3, s3), bf16_weights(w2, s2)
+  if not args.kernel_only or args.moe_tokens:  # the bf16 baselines' weights (22.5 GB)
+    w1_bf16, w3_bf16, w2_bf16 = bf16_weights(w1, s1), bf16_weights(w3, s3), bf16_weights(w2, s2)
   scale_bytes = 4 * (s1.size + s3.size + s2.size) // E
 
   # Weights go in as arguments: a jitted closure over them would embed gigabytes of constants.
-  gate_up = jax.jit(lambda q, s, be, w: grouped_gemm_fp8(q, s, w[:2], w[2:], be))
-  down = jax.jit(lambda q, s, be, w: grouped_gemm_fp8(q, s, w[:1], w[1:], be))
+  gate_up = jax.jit(lambda q, s, be, w, c: grouped_gemm_fp8(q, s, w[:2], w[2:], be, c), static_argnums=4)
+  down = jax.jit(lambda q, s, be, w, c: grouped_gemm_fp8(q, s, w[:1], w[1:], be, c), static_argnums=4)
+  configs = [GroupedGemmConfig(max_concurrent_steps=steps) for steps in args.steps]
   mgpu = jax.jit(lambda x, g, *ws: tuple(dispatch._ragged_dot_mgpu(x, w, g) for w in ws))
   xla = jax.jit(lambda x, g, *ws: tuple(dispatch.grouped_matmul_reference(x, w, g) for w in ws))
 
@@ -124,10 +130,14 @@ def main():
     bytes_down = experts_used * (DIM * INTER + scale_bytes / 3)
     tag = f"{rows // 1024}K rows ({experts_used} experts, {padded_rows} padded)"
 
-    t = median_seconds(gate_up, rows_q, rows_s, blocks.block_expert, (w1, w3, s1, s3))
-    report(f"fp8 kernel gate+up, {tag}", t, TFLOPs=flops_up / t / 1e12, weight_HBM_share=bytes_up / t / hbm)
-    t = median_seconds(down, hq, hs, blocks.block_expert, (w2, s2))
-    report(f"fp8 kernel down, {tag}", t, TFLOPs=flops_down / t / 1e12, weight_HBM_share=bytes_down / t / hbm)
+    for c in configs:
+      name = f"fp8 kernel{'' if len(configs) == 1 else f' ({c.max_concurrent_steps} steps)'}"
+      t = median_seconds(gate_up, rows_q, rows_s, blocks.block_expert, (w1, w3, s1, s3), c)
+      report(f"{name} gate+up, {tag}", t, TFLOPs=flops_up / t / 1e12, weight_HBM_share=bytes_up / t / hbm)
+      t = median_seconds(down, hq, hs, blocks.block_expert, (w2, s2), c)
+      report(f"{name} down, {tag}", t, TFLOPs=flops_down / t / 1e12, weight_HBM_share=bytes_down / t / hbm)
+    if args.kernel_only:
+      continue
 
     order = jnp.argsort(idx.reshape(-1), stable=True)
     x_sorted = x[order // TOPK]
@@ -148,6 +158,8 @@ def main():
     del rows_q, rows_s, hq, hs, x_sorted, h_sorted
 
   # One whole MoE layer (gate, routing, experts, shared expert): FP8 kernel path vs bf16 experts.
+  if not args.moe_tokens:
+    return finish(args, dev, hbm)
   k1, k2, k3 = jax.random.split(jax.random.fold_in(key, 7), 3)
   shared = {name: dict(zip(("weight", "scale"), fp8_weights(kk, 1, *shape)))
             for name, kk, shape in (("w1", k1, (INTER, DIM)), ("w3", k2, (INTER, DIM)), ("w2", k3, (DIM, INTER)))}
@@ -172,6 +184,10 @@ def main():
       t = median_seconds(layer, p, x)
       report(f"MoE layer ({name}), {tokens} tokens", t, us_per_token=t / tokens * 1e6, tokens_per_s=tokens / t)
 
+  finish(args, dev, hbm)
+
+
+def finish(args, dev, hbm):
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"device": dev, "jax": jax.__version__, "hbm_Bps": hbm, "rows": ROWS}, f, indent=1)

@@ -115,8 +115,10 @@ def main():
   for rows in args.routed_rows:
     tokens = rows // TOPK
     idx = random_routing(jax.random.fold_in(key, rows), tokens)
-    blocks = jax.jit(moe.align_to_blocks, static_argnums=(1, 2))(idx, E, DEFAULT_CONFIG.block_m)
-    token = blocks.row_pair // TOPK
+    order = jnp.argsort(idx.reshape(-1), stable=True)
+    sizes = jnp.bincount(idx.reshape(-1), length=E).astype(jnp.int32)
+    blocks = jax.jit(moe.align_to_blocks, static_argnums=(1, 2))(sizes, rows, DEFAULT_CONFIG.block_m)
+    token = jnp.take(order, blocks.row_source, mode="fill", fill_value=rows) // TOPK
     x = jax.random.normal(jax.random.fold_in(key, 5), (tokens, DIM), jnp.bfloat16)
     xq, xs = quant.act_quant(x)
     rows_q = jnp.take(xq, token, axis=0, mode="fill", fill_value=0)
@@ -139,10 +141,8 @@ def main():
     if args.kernel_only:
       continue
 
-    order = jnp.argsort(idx.reshape(-1), stable=True)
     x_sorted = x[order // TOPK]
     h_sorted = h[:rows]
-    sizes = jnp.bincount(idx.reshape(-1), length=E).astype(jnp.int32)
     t = median_seconds(mgpu, x_sorted, sizes, w1_bf16, w3_bf16)
     report(f"ragged_dot_mgpu bf16 gate+up, {rows // 1024}K rows", t, TFLOPs=flops_up / t / 1e12,
            weight_HBM_share=2 * bytes_up / t / hbm)

@@ -54,60 +54,72 @@ def grouped_linear(p: dict, rows: Float[Array, "m i"], group_sizes: Int[Array, "
   return dispatch.grouped_matmul(xq, w, group_sizes, impl=impl).astype(rows.dtype)
 
 
+class ExpertBlocks(NamedTuple):
+  """The block-aligned layout of rows sorted by expert: each expert's rows padded to a multiple of block_m."""
+
+  row_source: Int[Array, "m"]     # the sorted row in each aligned row; n_rows on padding rows
+  row_dest: Int[Array, "r"]       # the aligned row of each sorted row; m for rows past the last group
+  block_expert: Int[Array, "nb"]  # the expert of each block of block_m rows; -1 past the last used block
+
+
+def align_to_blocks(group_sizes: Int[Array, "e"], n_rows: int, block_m: int) -> ExpertBlocks:
+  """The grouped FP8 GEMM's layout for n_rows rows sorted by expert, inside jit with static shapes.
+
+  Each expert with rows adds at most block_m - 1 padding rows, so the static row count is
+  n_rows + min(E, n_rows) * (block_m - 1), rounded up to block_m.
+  """
+  e = group_sizes.shape[0]
+  m = -(-(n_rows + min(e, n_rows) * (block_m - 1)) // block_m) * block_m
+  padded = -(-group_sizes // block_m) * block_m
+  end, padded_end = jnp.cumsum(group_sizes), jnp.cumsum(padded)
+  r = jnp.arange(n_rows)
+  expert = jnp.minimum(jnp.searchsorted(end, r, side="right"), e - 1)
+  row_dest = jnp.where(r < end[-1], (padded_end - padded)[expert] + r - (end - group_sizes)[expert], m)
+  row_source = jnp.full(m, n_rows, jnp.int32).at[row_dest].set(r.astype(jnp.int32), mode="drop")
+  block_start = jnp.arange(m // block_m) * block_m
+  block_expert = jnp.searchsorted(padded_end, block_start, side="right").astype(jnp.int32)
+  return ExpertBlocks(row_source, row_dest.astype(jnp.int32), jnp.where(block_start < padded_end[-1], block_expert, -1))
+
+
+def _fp8_kernel_backend(p: dict, impl: str) -> str | None:
+  fp8 = all("scale" in p[name] for name in ("w1", "w2", "w3"))
+  inter, dim = p["w1"]["weight"].shape[-2:]
+  return dispatch.fp8_experts_backend(impl, fp8, (dim, inter))
+
+
+def _swiglu_blocks(p: dict, rows_q: Float[Array, "m d"], rows_s: Float[Array, "m db"], block_expert: Int[Array, "nb"],
+                   dtype, interpret: bool) -> Float[Array, "m d"]:
+  """Each expert's SwiGLU through the grouped FP8 GEMM: gate and up in one launch, SwiGLU, re-quantise, down.
+
+  Rows of unused blocks come back undefined: callers drop them.
+  """
+  from pallas_kernels.grouped_gemm_fp8_mgpu import grouped_gemm_fp8
+  gemm = functools.partial(grouped_gemm_fp8, block_expert=block_expert, out_dtype=dtype, interpret=interpret)
+  gate, up = gemm(rows_q, rows_s, (p["w1"]["weight"], p["w3"]["weight"]), (p["w1"]["scale"], p["w3"]["scale"]))
+  hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(dtype)
+  return gemm(*quant.act_quant(hidden), (p["w2"]["weight"],), (p["w2"]["scale"],))[0]
+
+
+def _block_m() -> int:
+  from pallas_kernels.grouped_gemm_fp8_mgpu import DEFAULT_CONFIG
+  return DEFAULT_CONFIG.block_m
+
+
 def grouped_swiglu(p: dict, rows: Float[Array, "m d"], group_sizes: Int[Array, "e"], impl: str) -> Float[Array, "m d"]:
-  """Each expert's SwiGLU on its rows (sorted by expert); also what each device runs under expert parallelism."""
+  """Each expert's SwiGLU on its rows (sorted by expert; zeros past the last group); also what each
+  device runs under expert parallelism. FP8 experts on a GPU: the grouped FP8 GEMM, else ragged."""
+  backend = _fp8_kernel_backend(p, impl)
+  if backend is not None:
+    blocks = align_to_blocks(group_sizes, rows.shape[0], _block_m())
+    rows_q, rows_s = quant.act_quant(rows)
+    take = functools.partial(jnp.take, axis=0, mode="fill", fill_value=0)
+    out = _swiglu_blocks(p, take(rows_q, blocks.row_source), take(rows_s, blocks.row_source), blocks.block_expert,
+                         rows.dtype, interpret=backend == "interpret")
+    return take(out, blocks.row_dest)
   gate = grouped_linear(p["w1"], rows, group_sizes, impl).astype(jnp.float32)
   up = grouped_linear(p["w3"], rows, group_sizes, impl).astype(jnp.float32)
   hidden = (jax.nn.silu(gate) * up).astype(rows.dtype)
   return grouped_linear(p["w2"], hidden, group_sizes, impl)
-
-
-class ExpertBlocks(NamedTuple):
-  """(token, slot) pairs sorted by expert, each expert's rows padded to a multiple of block_m."""
-
-  row_pair: Int[Array, "m"]       # the pair (token * k + slot) of each row; n * k on padding rows
-  block_expert: Int[Array, "nb"]  # the expert of each block of block_m rows; -1 past the last used block
-
-
-def align_to_blocks(idx: Int[Array, "n k"], n_experts: int, block_m: int) -> ExpertBlocks:
-  """The block-aligned layout of the grouped FP8 GEMM, inside jit with static shapes.
-
-  Rows: n*k pairs plus at most block_m - 1 padding rows for each expert that has any, so the static
-  row count is n*k + min(E, n*k) * (block_m - 1), rounded up to block_m.
-  """
-  pairs = idx.size
-  flat = idx.reshape(-1)
-  order = jnp.argsort(flat, stable=True)
-  sizes = jnp.bincount(flat, length=n_experts)
-  padded = -(-sizes // block_m) * block_m
-  padded_end = jnp.cumsum(padded)
-  expert = flat[order]
-  row = (padded_end - padded)[expert] + jnp.arange(pairs) - (jnp.cumsum(sizes) - sizes)[expert]
-  m = -(-(pairs + min(n_experts, pairs) * (block_m - 1)) // block_m) * block_m
-  row_pair = jnp.full(m, pairs, jnp.int32).at[row].set(order.astype(jnp.int32))
-  block_start = jnp.arange(m // block_m) * block_m
-  block_expert = jnp.searchsorted(padded_end, block_start, side="right").astype(jnp.int32)
-  return ExpertBlocks(row_pair, jnp.where(block_start < padded_end[-1], block_expert, -1))
-
-
-def _routed_experts_fp8_kernel(p: dict, x: Float[Array, "n d"], weights: Float[Array, "n k"], idx: Int[Array, "n k"],
-                               n_experts: int, interpret: bool) -> Float[Array, "n d"]:
-  """routed_experts through the grouped FP8 GEMM: gate and up in one launch, SwiGLU, down, combine."""
-  from pallas_kernels.grouped_gemm_fp8_mgpu import DEFAULT_CONFIG, grouped_gemm_fp8
-  n, k = idx.shape
-  blocks = align_to_blocks(idx, n_experts, DEFAULT_CONFIG.block_m)
-  token = blocks.row_pair // k  # n on padding rows: gathered as zeros, dropped by the scatter
-  xq, xs = quant.act_quant(x)   # per token: the same values as quantising each routed copy
-  rows_q = jnp.take(xq, token, axis=0, mode="fill", fill_value=0)
-  rows_s = jnp.take(xs, token, axis=0, mode="fill", fill_value=0)
-  gemm = functools.partial(grouped_gemm_fp8, block_expert=blocks.block_expert, out_dtype=x.dtype, interpret=interpret)
-  gate, up = gemm(rows_q, rows_s, (p["w1"]["weight"], p["w3"]["weight"]), (p["w1"]["scale"], p["w3"]["scale"]))
-  hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(x.dtype)
-  out = gemm(*quant.act_quant(hidden), (p["w2"]["weight"],), (p["w2"]["scale"],))[0]
-  pair_weight = jnp.take(weights.reshape(-1), blocks.row_pair, mode="fill", fill_value=0)
-  # Rows of unused blocks hold whatever the kernel left there: their token is n, so they are dropped.
-  return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out.astype(jnp.float32) * pair_weight[:, None],
-                                                                 mode="drop")
 
 
 def routed_experts(p: dict, cfg: ModelConfig, x: Float[Array, "n d"], weights: Float[Array, "n k"],
@@ -116,17 +128,27 @@ def routed_experts(p: dict, cfg: ModelConfig, x: Float[Array, "n d"], weights: F
   n, k = idx.shape
   chex.assert_shape(x, (n, cfg.dim))
   chex.assert_equal_shape([weights, idx])
-  fp8 = all("scale" in p[name] for name in ("w1", "w2", "w3"))
-  backend = dispatch.fp8_experts_backend(impl, fp8, (cfg.dim, cfg.moe_inter_dim))
-  if backend is not None:
-    return _routed_experts_fp8_kernel(p, x, weights, idx, cfg.n_routed_experts, interpret=backend == "interpret")
   flat = idx.reshape(-1)
   order = jnp.argsort(flat, stable=True)              # (token, slot) pairs sorted by expert
-  token = order // k
   group_sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
-  out = grouped_swiglu(p, x[token], group_sizes, impl)
-  weighted = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-  return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(weighted)
+  backend = _fp8_kernel_backend(p, impl)
+  if backend is None:
+    token = order // k
+    out = grouped_swiglu(p, x[token], group_sizes, impl)
+    weighted = out.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(weighted)
+  # The grouped FP8 GEMM: quantise each token once (act_quant is per row), gather its copies straight
+  # into the block-aligned layout; padding rows point past the last token (zeros in, dropped out).
+  blocks = align_to_blocks(group_sizes, n * k, _block_m())
+  pair = jnp.take(order, blocks.row_source, mode="fill", fill_value=n * k)
+  token = pair // k
+  xq, xs = quant.act_quant(x)
+  take = functools.partial(jnp.take, axis=0, mode="fill", fill_value=0)
+  out = _swiglu_blocks(p, take(xq, token), take(xs, token), blocks.block_expert, x.dtype,
+                       interpret=backend == "interpret")
+  pair_weight = jnp.take(weights.reshape(-1), pair, mode="fill", fill_value=0)
+  return jnp.zeros((n, x.shape[-1]), jnp.float32).at[token].add(out.astype(jnp.float32) * pair_weight[:, None],
+                                                                 mode="drop")
 
 
 def moe(p: dict, cfg: ModelConfig, x: Float[Array, "b s d"], impl: str = "auto") -> Float[Array, "b s d"]:

@@ -70,21 +70,32 @@ def test_kernel_rejects_bad_operands(rng):
 
 
 def test_align_to_blocks(rng):
-  n, k, e = 45, 4, 16
-  idx = np.stack([rng.choice(e, k, replace=False) for _ in range(n)]).astype(np.int32)
-  idx[:, 0] = 5                                        # one popular expert; others get no rows
-  blocks = jax.jit(moe.align_to_blocks, static_argnums=(1, 2))(jnp.asarray(idx), e, BM)
-  row_pair, block_expert = np.asarray(blocks.row_pair), np.asarray(blocks.block_expert)
-  assert row_pair.shape == (-(-(n * k + e * (BM - 1)) // BM) * BM,)
-  real = row_pair < n * k
-  assert sorted(row_pair[real]) == list(range(n * k))  # every (token, slot) pair exactly once
-  row_expert = np.repeat(block_expert, BM)
-  np.testing.assert_array_equal(row_expert[real], idx.reshape(-1)[row_pair[real]])
-  sizes = np.bincount(idx.reshape(-1), minlength=e)
+  e, n_rows = 16, 230
+  sizes = rng.multinomial(200, rng.dirichlet(np.ones(e) * 0.3)).astype(np.int32)  # some experts get no rows
+  sizes[3] = 0
+  blocks = jax.jit(moe.align_to_blocks, static_argnums=(1, 2))(jnp.asarray(sizes), n_rows, BM)
+  source, dest, block_expert = map(np.asarray, blocks)
+  m = -(-(n_rows + e * (BM - 1)) // BM) * BM
+  assert source.shape == (m,) and dest.shape == (n_rows,) and block_expert.shape == (m // BM,)
+  real = np.arange(n_rows) < sizes.sum()
+  assert np.all(dest[~real] == m)                                   # rows past the groups go nowhere
+  assert len(set(dest[real])) == real.sum() and np.all(source[dest[real]] == np.arange(n_rows)[real])
+  assert np.sum(source < n_rows) == real.sum()                      # every other aligned row is padding
+  np.testing.assert_array_equal(np.repeat(block_expert, BM)[dest[real]], np.repeat(np.arange(e), sizes))
   np.testing.assert_array_equal(np.bincount(block_expert[block_expert >= 0], minlength=e), -(-sizes // BM))
   used = block_expert >= 0
   assert used[:used.sum()].all() and not used[used.sum():].any()  # used blocks first, in expert order
   assert np.all(np.diff(block_expert[used]) >= 0)
+
+
+def test_grouped_swiglu_through_the_kernel_with_rows_past_the_groups(tiny_cfg, rng):
+  """The expert-parallel contract: rows sorted by expert, a tail of rows no expert owns -> zeros."""
+  p = jax.tree.map(lambda a: jnp.asarray(a)[1], init_params(tiny_cfg, seed=6, fp8=True)["moe_layers"])["ffn"]
+  sizes = np.array([9, 0, 0, 70, 1] + [0] * (tiny_cfg.n_routed_experts - 5), np.int32)
+  rows = jnp.asarray(rng.standard_normal((96, tiny_cfg.dim)), jnp.float32)
+  got = moe.grouped_swiglu(p["experts"], rows, jnp.asarray(sizes), "pallas")
+  ref = moe.grouped_swiglu(p["experts"], rows, jnp.asarray(sizes), "reference")
+  assert rel_err(got[:80], ref[:80]) < 1e-5 and not np.any(np.asarray(got[80:]))
 
 
 def test_moe_through_the_kernel_equals_the_reference(tiny_cfg, rng):

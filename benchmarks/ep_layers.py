@@ -28,6 +28,7 @@ Each run does two workloads with the same weights:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import statistics
@@ -46,6 +47,9 @@ from dsv32_jax.params import is_spec, model_specs, with_release_dtypes
 from sharding import serve
 from sharding.plan import ShardingPlan, abstract_params, bytes_per_device, sharded_cache
 from sharding.rules import make_mesh
+
+
+LAYERED_DRAW_BYTES = 1 << 30  # leaves whose float32 draw is larger are drawn one layer at a time
 
 
 def draw_params(cfg, key, fp8: bool, abstract):
@@ -78,10 +82,22 @@ def draw_params(cfg, key, fp8: bool, abstract):
         w = w / unit
     return w.astype(target.dtype)
 
+  def draw_by_layer(spec, target, k):  # one layer at a time: float32 temporaries of one layer only
+    layer = dataclasses.replace(spec, shape=spec.shape[1:], axes=spec.axes[1:])
+    put = jax.jit(lambda out, i: jax.lax.dynamic_update_index_in_dim(
+        out, draw(layer, target, jax.random.fold_in(k, i)), i, 0), out_shardings=target.sharding, donate_argnums=0)
+    out = jax.jit(lambda: jnp.zeros(target.shape, target.dtype), out_shardings=target.sharding)()
+    for i in range(spec.shape[0]):
+      out = put(out, i)
+    return out
+
   out = []
   for i, (spec, target) in enumerate(zip(leaves, targets)):
-    fn = jax.jit(functools.partial(draw, spec, target), out_shardings=target.sharding)
-    out.append(fn(jax.random.fold_in(key, i)))
+    k = jax.random.fold_in(key, i)
+    if spec.axes[0] == "layers" and np.prod(spec.shape) * 4 > LAYERED_DRAW_BYTES:
+      out.append(draw_by_layer(spec, target, k))
+    else:
+      out.append(jax.jit(functools.partial(draw, spec, target), out_shardings=target.sharding)(k))
   return jax.tree.unflatten(treedef, out)
 
 

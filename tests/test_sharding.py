@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -19,7 +21,8 @@ from dsv32_jax.options import RunOptions
 from dsv32_jax.params import flatten_specs, model_specs, scale_shape
 from sharding import rules as rules_lib
 from sharding.expert_parallel import receive_bounds
-from sharding.rules import DEFAULT_RULES, Rules, partition_spec
+from sharding.plan import ShardingPlan
+from sharding.rules import DEFAULT_RULES, Rules, make_mesh, partition_spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,3 +119,34 @@ def test_two_processes_give_the_unsharded_logits(tmp_path):
   assert result["devices"] == 8 and result["processes"] == 2
   assert result["experts_per_device"] == [preset("tiny").n_routed_experts // 8]
   assert result["prefill"] < 1e-5 and result["decode"] < 1e-5, result
+
+
+@pytest.mark.slow
+def test_full_model_benchmark_runs_on_eight_devices(tmp_path):
+  """benchmarks/full_671b.py (the 8-GPU run of the whole model) end to end on 8 CPU devices, tiny preset."""
+  out = tmp_path / "full.json"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "full_671b.py"), "--preset", "tiny",
+                         "--prefill", "64", "--decode-batch", "8", "--decode-context", "64", "--iters", "0",
+                         "--decode-steps", "1", "--out", str(out)],
+                        cwd=ROOT, capture_output=True, text=True, timeout=900,
+                        env=_env("--xla_force_host_platform_device_count=8"))
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  result = json.loads(out.read_text())
+  assert result["devices"] == 8 and result["mesh"] == [1, 8, 1]
+  names = [row["what"] for row in result["rows"]]
+  assert names == ["dsa prefill 64", "dsa decode batch 8 at 64", "dense prefill 64", "dense decode batch 8 at 64"]
+  assert all(np.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0 for row in result["rows"])
+  assert set(result["dsa_over_dense_throughput"]) == {"prefill 64", "decode batch 8 at 64"}
+
+
+def test_layered_draw_equals_its_layers(monkeypatch):
+  """ep_layers.draw_params: a stacked leaf drawn one layer at a time has every layer drawn (none left zero)."""
+  from benchmarks import ep_layers
+  from sharding.plan import abstract_params
+  monkeypatch.setattr(ep_layers, "LAYERED_DRAW_BYTES", 0)
+  cfg = preset("tiny")
+  plan = ShardingPlan(make_mesh(1, 1, 1))
+  params = ep_layers.draw_params(cfg, jax.random.key(0), True, abstract_params(plan, cfg, fp8=True))
+  w = np.asarray(params["moe_layers"]["ffn"]["experts"]["w1"]["weight"]).astype(np.float32)
+  assert w.shape[0] == cfg.n_layers - cfg.n_dense_layers and all(np.abs(w[i]).sum() > 0 for i in range(w.shape[0]))
+  assert not np.array_equal(w[0], w[1])

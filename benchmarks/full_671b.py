@@ -100,7 +100,8 @@ def main(argv=None) -> int:
   ap.add_argument("--decode-batch", type=int, nargs="*", default=[1, 32, 128])
   ap.add_argument("--decode-context", type=int, default=32768)
   ap.add_argument("--decode-steps", type=int, default=4, help="timed decode steps after a compiling one")
-  ap.add_argument("--iters", type=int, default=2, help="timed prefill calls after a compiling one")
+  ap.add_argument("--iters", type=int, default=2,
+                  help="timed prefill calls after a compiling one (0: report the compiling call, compile included)")
   ap.add_argument("--attention", nargs="*", default=["dsa", "dense"], choices=["dsa", "dense"])
   ap.add_argument("--kernels", default="auto", choices=["auto", "reference", "pallas"])
   ap.add_argument("--out")
@@ -142,6 +143,7 @@ def main(argv=None) -> int:
           return params, tokens, lengths, state["cache"]
         first, seconds = timed(step, args_fn, args.iters)
         return {"seconds": seconds, "tokens_per_s": length / seconds, "first_call_s": first,
+                "includes_compile": args.iters == 0,
                 "cache_gib_per_device": bytes_per_device(state["cache"]) / 2 ** 30, "peak_gib": peak_gib(devices)}
       run_point(results, f"{attention} prefill {length}", prefill_point)
 

@@ -94,7 +94,7 @@ def main():
   dev = jax.devices()[0].device_kind
   print(f"device: {dev}, jax {jax.__version__}, kernel config {DEFAULT_CONFIG}", flush=True)
   hbm = measured_hbm_bandwidth()
-  report("HBM copy (read + write), 4 GiB", 8 * 2**30 / hbm, TBps=hbm / 1e12)
+  report("HBM copy (read + write)", 0.0, TBps=hbm / 1e12)
   key = jax.random.key(0)
   check_small(jax.random.fold_in(key, 1))
 

@@ -20,9 +20,10 @@ def median_seconds(fn, *args, iters: int = 10) -> float:
   return statistics.median(times)
 
 
-def measured_hbm_bandwidth() -> float:
-  """Bytes/s of a device-to-device copy of 4 GiB (read + write): the HBM ceiling the shares use."""
+def measured_hbm_bandwidth(elements: int = 1 << 30) -> float:
+  """Bytes/s of a device-to-device copy of float32 elements (default 4 GiB; read + write): the HBM
+  ceiling the shares use."""
   import jax.numpy as jnp
-  big = jnp.ones((1 << 30,), jnp.float32)
+  big = jnp.ones((elements,), jnp.float32)
   seconds = median_seconds(jax.jit(lambda x: x + 1), big, iters=5)
   return 2 * big.nbytes / seconds

@@ -8,9 +8,10 @@
 DeepSeek Sparse Attention (``index_logits``, ``topk``, ``sparse_mla``): ``"auto"`` runs the Pallas
 Mosaic TPU kernels on a TPU, the GPU kernels on a GPU where one exists for the operation and the
 operands (the Mosaic GPU indexer logits for e4m3 operands, the top-k kernel), and the reference
-elsewhere; ``"pallas"`` insists on the kernel: on a GPU it raises where none exists (sparse MLA, for
-now), and on the CPU it runs the *TPU kernels in Pallas TPU interpret mode* (the CPU stands in for a
-TPU; the GPU kernels' CPU tests call them in Mosaic GPU / Triton interpret mode directly).
+elsewhere; ``"pallas"`` insists on the kernel: on a GPU it also runs the sparse MLA kernel (not yet
+measured on a GPU, so not ``auto``'s choice), and on the CPU it runs the *TPU kernels in Pallas TPU
+interpret mode* (the CPU stands in for a TPU; the GPU kernels' CPU tests call them in Mosaic GPU /
+Triton interpret mode directly).
 """
 
 from __future__ import annotations
@@ -216,13 +217,20 @@ def sparse_mla(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv
   """MLA in the latent (MQA form) over the rows idx selects (-1: unused slot); output in q_lat's dtype.
 
   o[t,h] = softmax_j((q_lat[t,h] . kv[idx[t,j]] + q_pe[t,h] . k_pe[idx[t,j]]) * scale) . kv[idx[t,j]]
-  Reference: ``dsv32_jax.mla.sparse_attention_scaled``; TPU: ``pallas_kernels.sparse_mla_tpu``
+  Reference: ``dsv32_jax.mla.sparse_attention_scaled``; GPU (impl="pallas" only, for now):
+  ``pallas_kernels.sparse_mla_gpu`` (``config``: its ``SparseMlaGpuConfig``); TPU: ``pallas_kernels.sparse_mla_tpu``
   (token-granular DMAs), or ``pallas_kernels.sparse_mla_blocks_tpu`` when ``config`` is a
   ``SparseMlaBlocksTpuConfig`` (64-token blocks; indices must be distinct).
   """
-  if _dsa_backend("sparse_mla", impl, gpu_kernel=False) == "reference":
+  # The GPU kernel runs when asked for (impl="pallas"); "auto" keeps the reference on GPU until the
+  # kernel has been measured faster there (BENCHMARKS.md, sparse MLA).
+  backend = _dsa_backend("sparse_mla", impl, gpu_kernel=impl == "pallas")
+  if backend == "reference":
     from dsv32_jax.mla import sparse_attention_scaled
     return sparse_attention_scaled(scale, q_lat, q_pe, kv, k_pe, idx)
+  if backend == "gpu":
+    from pallas_kernels.sparse_mla_gpu import sparse_mla_gpu
+    return sparse_mla_gpu(q_lat, q_pe, kv, k_pe, idx, scale, **({"config": config} if config else {}))[0]
   from pallas_kernels import sparse_mla_blocks_tpu, sparse_mla_tpu
   if isinstance(config, sparse_mla_blocks_tpu.SparseMlaBlocksTpuConfig):
     return sparse_mla_blocks_tpu.sparse_mla_blocks(q_lat, q_pe, kv, k_pe, idx, scale, config=config)

@@ -17,6 +17,12 @@ from dsv32_jax.params import init_params  # noqa: E402
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 
+# Pallas's Triton lowering asks the device for its compute capability; lowering on this CPU for an
+# H100 names one abstractly (`with jax.sharding.use_abstract_mesh(H100_ABSTRACT): ...lower(...)`).
+H100_ABSTRACT = jax.sharding.AbstractMesh(
+    (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
+                                                              platform="cuda"))
+
 
 def rel_err(a, b) -> float:
   a = np.asarray(a, np.float64)

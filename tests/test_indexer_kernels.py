@@ -9,7 +9,7 @@ from dsv32_jax import indexer, quant
 from pallas_kernels import dispatch
 from pallas_kernels.indexer_logits_mgpu import IndexerLogitsConfig, index_logits_mgpu
 from pallas_kernels.topk_gpu import TopkGpuConfig, ordered_key, segment_log2, topk_candidates_kernel, topk_gpu
-from tests.conftest import rel_err
+from tests.conftest import H100_ABSTRACT, rel_err
 
 
 def indexer_inputs(rng, b, s, t, h=64, d=128):
@@ -56,6 +56,15 @@ def test_logits_kernel_rejects_unquantised_operands(rng):
   q8, w, k8, ks = indexer_inputs(rng, 1, 2, 64)
   with pytest.raises(TypeError, match="e4m3"):
     index_logits_mgpu(q8.astype(jnp.bfloat16), w, k8, ks, jnp.zeros((1, 2), jnp.int32))
+
+
+def test_topk_kernel_lowers_for_hopper_at_the_671b_shapes():
+  """Pallas's Triton lowering of the top-k kernel for an H100: 2048 prefill rows x 128K keys, k = 2048."""
+  rows = jax.ShapeDtypeStruct((2048, 131072), jnp.float32)
+  lengths = jax.ShapeDtypeStruct((2048,), jnp.int32)
+  with jax.sharding.use_abstract_mesh(H100_ABSTRACT):
+    text = jax.jit(lambda x, n: topk_gpu(x, 2048, n)).trace(rows, lengths).lower(lowering_platforms=("cuda",)).as_text()
+  assert "triton" in text.lower()
 
 
 def test_ordered_keys_follow_the_float_order():

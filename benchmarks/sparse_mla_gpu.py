@@ -1,0 +1,115 @@
+"""Sparse MLA on a GPU: the Pallas kernel (Triton lowering) against the plain-JAX gathered reference, at
+the 671B shapes (128 heads, latent 512 + rope 64, top-2048), bf16.
+
+  PYTHONPATH=. python3 benchmarks/sparse_mla_gpu.py --out $OUT/sparse_mla.json
+  PYTHONPATH=. python3 benchmarks/sparse_mla_gpu.py --configs 64,64,8,2 64,32,4,3 --skip-reference   # a sweep
+
+Prints one table (and writes JSON): a correctness check on this GPU, then prefill -- a chunk of
+--chunk queries at the end of an L-token context (L = 4K, 32K, 128K), each with its own random
+2048 of the visible keys -- in useful TFLOP/s (2 * heads * k * (2 * 512 + 64) a query), and decode
+steps (one query per sequence, batch 1 / 32 / 128, 128K cache) with the gathered rows' bytes as a
+share of the measured HBM copy bandwidth. ``--configs``: block_h,block_k,num_warps,num_stages each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks.timing import measured_hbm_bandwidth, median_seconds
+from dsv32_jax.mla import sparse_attention_scaled
+from pallas_kernels.sparse_mla_gpu import SparseMlaGpuConfig, flops, sparse_mla_gpu
+
+H, C, R, K = 128, 512, 64, 2048
+SCALE = 0.0625
+ROWS: list[dict] = []
+
+
+def report(what, seconds, **extra):
+  row = {"what": what, "ms": seconds * 1e3, **extra}
+  ROWS.append(row)
+  rest = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items())
+  print(f"{what:64s} {seconds * 1e3:10.3f} ms  {rest}", flush=True)
+
+
+def inputs(key, b, s, t, visible_from):
+  """Random bf16 queries and cache; each query selects K random keys below its position."""
+  k1, k2, k3, k4, k5 = jax.random.split(key, 5)
+  q = jax.random.normal(k1, (b, s, H, C), jnp.bfloat16)
+  qp = jax.random.normal(k2, (b, s, H, R), jnp.bfloat16)
+  kv = jax.random.normal(k3, (b, t, C), jnp.bfloat16)
+  kpe = jax.random.normal(k4, (b, t, R), jnp.bfloat16)
+  limit = visible_from + jnp.arange(s)[None, :, None] + 1  # causal: query i of the chunk sees up to its position
+  idx = (jax.random.uniform(k5, (b, s, K)) * limit).astype(jnp.int32)
+  return q, qp, kv, kpe, idx
+
+
+def parse_config(text: str) -> SparseMlaGpuConfig:
+  bh, bk, warps, stages = (int(v) for v in text.split(","))
+  return SparseMlaGpuConfig(block_h=bh, block_k=bk, num_warps=warps, num_stages=stages)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out")
+  ap.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768, 131072])
+  ap.add_argument("--chunk", type=int, default=2048)
+  ap.add_argument("--decode-batch", type=int, nargs="*", default=[1, 32, 128])
+  ap.add_argument("--decode-context", type=int, default=131072)
+  ap.add_argument("--configs", nargs="*", default=None, help="kernel configs to time (default: the default)")
+  ap.add_argument("--skip-reference", action="store_true")
+  ap.add_argument("--interpret", action="store_true", help="the kernel in interpret mode (a CPU smoke run)")
+  args = ap.parse_args()
+  configs = [parse_config(c) for c in args.configs] if args.configs else [SparseMlaGpuConfig()]
+  dev = jax.devices()[0].device_kind
+  print(f"device: {dev}, jax {jax.__version__}", flush=True)
+  hbm = measured_hbm_bandwidth(2**24 if args.interpret else 2**30)
+  report("HBM copy (read + write)", 0.0, TBps=hbm / 1e12)
+
+  kernels = {c: jax.jit(lambda *a, c=c: sparse_mla_gpu(*a, SCALE, c, interpret=args.interpret)[0]) for c in configs}
+  ref = jax.jit(lambda *a: sparse_attention_scaled(SCALE, *a))
+  key = jax.random.key(0)
+
+  check = inputs(jax.random.fold_in(key, 1), 2, 4 if args.interpret else 64, 5000, 4000)
+  want = sparse_attention_scaled(SCALE, *(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in check))
+  for c, fn in kernels.items():
+    got = fn(*check).astype(jnp.float32)
+    err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
+    report(f"check: kernel {c.block_h}/{c.block_k}/{c.num_warps}/{c.num_stages} vs float32 reference", 0.0,
+           rel_err=err)
+    assert err < 2e-2, err
+
+  def run(tag, operands, work, read_bytes):
+    for c, fn in kernels.items():
+      t = median_seconds(fn, *operands)
+      report(f"kernel {c.block_h}/{c.block_k}/{c.num_warps}/{c.num_stages}: {tag}", t, TFLOPs=work / t / 1e12,
+             HBM_share=read_bytes / t / hbm)
+    if not args.skip_reference:
+      t = median_seconds(ref, *operands)
+      report(f"reference (XLA gather + einsum): {tag}", t, TFLOPs=work / t / 1e12, HBM_share=read_bytes / t / hbm)
+
+  for length in args.contexts:
+    s = min(args.chunk, length)
+    operands = inputs(jax.random.fold_in(key, length), 1, s, length, length - s)
+    row_bytes = 2 * (C + R)
+    run(f"prefill, {s} queries at context {length:,}", operands, flops(1, s, H, C, R, K),
+        s * K * row_bytes + 2 * s * H * (C + R + C))
+    del operands
+
+  for b in args.decode_batch:
+    t_len = args.decode_context
+    operands = inputs(jax.random.fold_in(key, b), b, 1, t_len, t_len - 1)
+    run(f"decode, batch {b}, cache {t_len:,}", operands, flops(b, 1, H, C, R, K),
+        b * K * 2 * (C + R) + 2 * b * H * (C + R + C))
+    del operands
+
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump({"device": dev, "jax": jax.__version__, "hbm_Bps": hbm, "rows": ROWS}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,140 @@
+"""Sparse MLA on a GPU: attention in the latent over each query's selected rows (Pallas, Triton lowering).
+
+For every query t and head h, over the rows j that idx[t] selects (-1: an unused slot),
+
+  o[t, h] = sum_j softmax_j(scale * (q_lat[t,h] . kv[idx[t,j]] + q_pe[t,h] . k_pe[idx[t,j]])) kv[idx[t,j]]
+  lse[t, h] = log sum_j exp(scale * score_j)            (natural log; for a backward pass or training)
+
+which is ``dsv32_jax.mla.sparse_attention_scaled`` (the reference) plus the log-sum-exp.
+
+Why Triton and not Mosaic GPU: the selected rows are scattered over the cache, one 1152-byte row at a
+time, and Hopper's TMA has no gather (Blackwell's has). In Mosaic GPU a one-row TMA copy cannot land in
+the 8-row swizzled tiles that wgmma reads (the slice is not tile-aligned), so each tile would need a
+staging copy and a register round trip; Pallas's Triton lowering gathers rows with per-thread loads
+straight into the layout its MMA wants. Revisit when Mosaic GPU exposes per-lane async copies.
+
+Work decomposition. A program owns one query, ``block_h`` heads (MLA's MQA form: every head reads the
+same rows, so a gathered tile serves all of them -- the FlashMLA lesson) and a contiguous share of the
+query's top-k slots (``k_splits`` programs per query when the batch is small, flash-decoding style:
+their partial outputs and log-sum-exps are merged afterwards). Tiles of ``block_k`` selected rows are
+gathered (latent 512 + rope 64), scored against the heads with two MMAs, and folded into the output
+by an online softmax in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+from jaxtyping import Array, Float, Int
+
+from dsv32_jax.mla import sparse_attention_scaled as reference  # noqa: F401  (what this kernel matches)
+
+NUM_SMS = 132  # H100 / H200 SXM
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseMlaGpuConfig:
+  """Tiling of the sparse MLA kernel."""
+
+  block_h: int = 64             # heads per program (the MMA M dimension)
+  block_k: int = 64             # selected rows per tile
+  k_splits: int | None = None   # programs per (query, head block) along the top-k; None: fill the GPU
+  num_warps: int = 8
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ("block_h", "block_k"):
+      v = getattr(self, name)
+      if v < 16 or v & (v - 1):
+        raise ValueError(f"SparseMlaGpuConfig.{name} = {v} must be a power of two >= 16")
+
+
+def _k_splits(config: SparseMlaGpuConfig, programs: int, tiles: int) -> int:
+  if config.k_splits is not None:
+    return max(1, min(config.k_splits, tiles))
+  return max(1, min(tiles, -(-2 * NUM_SMS // max(programs, 1))))
+
+
+def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv: Float[Array, "b t c"],
+                   k_pe: Float[Array, "b t r"], idx: Int[Array, "b s k"], scale: float,
+                   config: SparseMlaGpuConfig = SparseMlaGpuConfig(), interpret: bool = False
+                   ) -> tuple[Float[Array, "b s h c"], Float[Array, "b s h"]]:
+  """(output in q_lat's dtype, log-sum-exp float32). A query with no valid slot gets zeros and -inf."""
+  b, s, h, c = q_lat.shape
+  r, t, k = q_pe.shape[-1], kv.shape[1], idx.shape[-1]
+  if kv.shape != (b, t, c) or k_pe.shape != (b, t, r) or q_pe.shape != (b, s, h, r) or idx.shape[:2] != (b, s):
+    raise ValueError(f"sparse_mla_gpu: shapes q_lat {q_lat.shape}, q_pe {q_pe.shape}, kv {kv.shape}, "
+                     f"k_pe {k_pe.shape}, idx {idx.shape} do not agree")
+  if c & (c - 1) or r & (r - 1) or c < 16 or r < 16:
+    raise ValueError(f"sparse_mla_gpu: latent {c} and rope {r} dims must be powers of two >= 16")
+  bh, bk = min(config.block_h, max(16, 1 << (h - 1).bit_length())), config.block_k
+  h_pad, k_pad = -(-h // bh) * bh, -(-k // bk) * bk
+  if h_pad != h:
+    q_lat = jnp.pad(q_lat, ((0, 0), (0, 0), (0, h_pad - h), (0, 0)))
+    q_pe = jnp.pad(q_pe, ((0, 0), (0, 0), (0, h_pad - h), (0, 0)))
+  if k_pad != k:
+    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, k_pad - k)), constant_values=-1)
+  idx = jnp.where((idx >= 0) & (idx < t), idx, -1).astype(jnp.int32)
+  n_hb, tiles = h_pad // bh, k_pad // bk
+  splits = _k_splits(config, b * s * n_hb, tiles)
+  tiles_per_split = -(-tiles // splits)
+
+  def kernel(idx_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref, lse_ref):
+    bi, si = pl.program_id(0) // s, pl.program_id(0) % s
+    hi, split = pl.program_id(1), pl.program_id(2)
+    heads = pl.ds(hi * bh, bh)
+    q = q_lat_ref[bi, si, heads, :]      # [bh, c]
+    qp = q_pe_ref[bi, si, heads, :]      # [bh, r]
+    lat_cols, rope_cols = jnp.arange(c, dtype=jnp.int32), jnp.arange(r, dtype=jnp.int32)
+    first = split * tiles_per_split
+    last = jnp.minimum(first + tiles_per_split, tiles)
+
+    def tile(j, carry):
+      acc, m, l = carry
+      ids = idx_ref[bi, si, pl.ds(j * bk, bk)]
+      valid = ids >= 0
+      rows = jnp.where(valid, ids, 0)
+      kv_rows = kv_ref[bi, rows[:, None], lat_cols[None, :]]   # [bk, c]: one gathered row per slot
+      pe_rows = k_pe_ref[bi, rows[:, None], rope_cols[None, :]]  # [bk, r]
+      score = (jnp.dot(q, kv_rows.T, preferred_element_type=jnp.float32)
+               + jnp.dot(qp, pe_rows.T, preferred_element_type=jnp.float32)) * scale
+      score = jnp.where(valid[None, :], score, -jnp.inf)
+      m_new = jnp.maximum(m, score.max(axis=1))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no valid slot yet: nothing to rescale
+      alpha = jnp.exp(m - m_safe)
+      p = jnp.exp(score - m_safe[:, None])
+      acc = acc * alpha[:, None] + jnp.dot(p.astype(kv_rows.dtype), kv_rows, preferred_element_type=jnp.float32)
+      return acc, m_new, l * alpha + p.sum(axis=1)
+
+    init = (jnp.zeros((bh, c), jnp.float32), jnp.full((bh,), -jnp.inf, jnp.float32), jnp.zeros((bh,), jnp.float32))
+    acc, m, l = lax.fori_loop(first, last, tile, init)
+    seen = l > 0
+    o_ref[bi, si, split, heads, :] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
+    lse_ref[bi, si, split, heads] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+  out_dtype = q_lat.dtype if splits == 1 else jnp.float32
+  o, lse = pl.pallas_call(
+      kernel,
+      out_shape=(jax.ShapeDtypeStruct((b, s, splits, h_pad, c), out_dtype),
+                 jax.ShapeDtypeStruct((b, s, splits, h_pad), jnp.float32)),
+      grid=(b * s, n_hb, splits),
+      compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+      interpret=interpret,
+  )(idx, q_lat, q_pe, kv, k_pe)
+  if splits > 1:  # merge the partial softmaxes: weights exp(lse_i - lse)
+    total = jax.nn.logsumexp(lse, axis=2, keepdims=True)
+    w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(total), total, 0.0)), 0.0)
+    o = jnp.sum(o * w[..., None], axis=2, keepdims=True).astype(q_lat.dtype)
+    lse = total
+  return o[:, :, 0, :h], lse[:, :, 0, :h]
+
+
+def flops(b: int, s: int, h: int, c: int, r: int, k: int) -> float:
+  """Useful FLOPs of sparse MLA over k selected rows: scores (c + r) and output (c) per head and row."""
+  return 2.0 * b * s * h * k * (2 * c + r)
+

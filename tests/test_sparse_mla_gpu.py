@@ -1,0 +1,79 @@
+"""The GPU sparse MLA kernel (Pallas, Triton lowering) against the reference: interpreted on the CPU,
+lowered for an H100 (abstract device), and on a GPU when there is one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv32_jax.mla import sparse_attention_scaled
+from pallas_kernels import dispatch
+from pallas_kernels.sparse_mla_gpu import SparseMlaGpuConfig, flops, sparse_mla_gpu
+from tests.conftest import H100_ABSTRACT, rel_err
+
+
+def inputs(rng, b, s, h, c, r, t, k, dtype=jnp.float32):
+  f = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
+  idx = rng.integers(0, t, (b, s, k))
+  idx[0, 0, 3:] = -1                         # a short sequence: one valid slot
+  idx[-1, -1, : k // 2] = idx[-1, -1, k // 2]  # duplicates count once per slot, as in the reference
+  idx[0, -1, 1::3] = -1                       # scattered unused slots
+  return f(b, s, h, c), f(b, s, h, r), f(b, t, c), f(b, t, r), jnp.asarray(idx, jnp.int32)
+
+
+def lse_numpy(q, qp, kv, kpe, idx, scale):
+  idx = np.asarray(idx)
+  out = np.empty(idx.shape[:2] + (q.shape[2],))
+  for bi in range(idx.shape[0]):
+    for si in range(idx.shape[1]):
+      rows = idx[bi, si][idx[bi, si] >= 0]
+      sc = (np.einsum("hc,kc->hk", np.asarray(q[bi, si], np.float64), np.asarray(kv[bi, rows], np.float64))
+            + np.einsum("hr,kr->hk", np.asarray(qp[bi, si], np.float64), np.asarray(kpe[bi, rows], np.float64)))
+      sc *= scale
+      m = sc.max(1, keepdims=True)
+      out[bi, si] = (m + np.log(np.exp(sc - m).sum(1, keepdims=True)))[:, 0]
+  return out
+
+
+@pytest.mark.parametrize("b, s, h, t, k, config", [
+    (2, 3, 20, 90, 40, SparseMlaGpuConfig(block_h=16, block_k=16, k_splits=1)),  # padded heads and slots
+    (1, 2, 16, 300, 100, SparseMlaGpuConfig(block_h=16, block_k=32, k_splits=3)),  # split top-k, merged
+])
+def test_kernel_equals_the_reference_in_interpret_mode(rng, b, s, h, t, k, config):
+  args = inputs(rng, b, s, h, 64, 16, t, k)
+  o, lse = sparse_mla_gpu(*args, 0.1, config, interpret=True)
+  assert rel_err(o, sparse_attention_scaled(0.1, *args)) < 1e-5
+  assert rel_err(lse, lse_numpy(*args, 0.1)) < 1e-5
+
+
+def test_query_without_valid_slots_gets_zeros(rng):
+  q, qp, kv, kpe, idx = inputs(rng, 1, 2, 16, 32, 16, 50, 32)
+  idx = idx.at[0, 1].set(-1)
+  o, lse = sparse_mla_gpu(q, qp, kv, kpe, idx, 0.1, SparseMlaGpuConfig(block_h=16, block_k=16, k_splits=2),
+                          interpret=True)
+  assert not np.any(np.asarray(o[0, 1])) and np.all(np.asarray(lse[0, 1]) == -np.inf)
+  assert rel_err(o[0, 0], sparse_attention_scaled(0.1, q, qp, kv, kpe, idx)[0, 0]) < 1e-5
+
+
+@pytest.mark.parametrize("b, s, t", [(1, 256, 8192), (32, 1, 131072)])  # a prefill chunk; a decode batch
+def test_kernel_lowers_for_hopper_at_the_671b_shapes(b, s, t):
+  shape = jax.ShapeDtypeStruct
+  args = (shape((b, s, 128, 512), jnp.bfloat16), shape((b, s, 128, 64), jnp.bfloat16),
+          shape((b, t, 512), jnp.bfloat16), shape((b, t, 64), jnp.bfloat16), shape((b, s, 2048), jnp.int32))
+  with jax.sharding.use_abstract_mesh(H100_ABSTRACT):
+    text = jax.jit(lambda *a: sparse_mla_gpu(*a, 0.07)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "triton" in text.lower()
+
+
+def test_flops_count():
+  assert flops(1, 1, 128, 512, 64, 2048) == 2.0 * 128 * 2048 * (512 + 64 + 512)
+
+
+@pytest.mark.gpu
+def test_kernel_on_gpu(rng):
+  args = inputs(rng, 2, 5, 128, 512, 64, 5000, 2048, jnp.bfloat16)
+  o, _ = jax.jit(lambda *a: sparse_mla_gpu(*a, 0.05))(*args)
+  ref = sparse_attention_scaled(0.05, *(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args))
+  assert rel_err(o.astype(jnp.float32), ref) < 2e-2
+  got = dispatch.sparse_mla(*args, 0.05, impl="pallas")
+  assert rel_err(got.astype(jnp.float32), ref) < 2e-2

@@ -89,6 +89,8 @@ def main():
   ap.add_argument("--xla-max-rows", type=int, default=1024, help="jax.lax.ragged_dot only up to this many rows")
   ap.add_argument("--steps", type=int, nargs="*", default=[DEFAULT_CONFIG.max_concurrent_steps],
                   help="K-pipeline depths of the kernel to time (a tuning sweep)")
+  ap.add_argument("--consumers", type=int, nargs="*", default=[DEFAULT_CONFIG.consumers],
+                  help="compute warpgroups of the kernel to time (1, 2)")
   ap.add_argument("--kernel-only", action="store_true", help="skip the ragged_dot baselines")
   args = ap.parse_args()
   dev = jax.devices()[0].device_kind
@@ -108,7 +110,8 @@ def main():
   # Weights go in as arguments: a jitted closure over them would embed gigabytes of constants.
   gate_up = jax.jit(lambda q, s, be, w, c: grouped_gemm_fp8(q, s, w[:2], w[2:], be, c), static_argnums=4)
   down = jax.jit(lambda q, s, be, w, c: grouped_gemm_fp8(q, s, w[:1], w[1:], be, c), static_argnums=4)
-  configs = [GroupedGemmConfig(max_concurrent_steps=steps) for steps in args.steps]
+  configs = [GroupedGemmConfig(max_concurrent_steps=steps, consumers=wgs) for wgs in args.consumers
+             for steps in args.steps]
   mgpu = jax.jit(lambda x, g, *ws: tuple(dispatch._ragged_dot_mgpu(x, w, g) for w in ws))
   xla = jax.jit(lambda x, g, *ws: tuple(dispatch.grouped_matmul_reference(x, w, g) for w in ws))
 
@@ -133,7 +136,7 @@ def main():
     tag = f"{rows // 1024}K rows ({experts_used} experts, {padded_rows} padded)"
 
     for c in configs:
-      name = f"fp8 kernel{'' if len(configs) == 1 else f' ({c.max_concurrent_steps} steps)'}"
+      name = f"fp8 kernel{'' if len(configs) == 1 else f' ({c.consumers} WG, {c.max_concurrent_steps} steps)'}"
       t = median_seconds(gate_up, rows_q, rows_s, blocks.block_expert, (w1, w3, s1, s3), c)
       report(f"{name} gate+up, {tag}", t, TFLOPs=flops_up / t / 1e12, weight_HBM_share=bytes_up / t / hbm)
       t = median_seconds(down, hq, hs, blocks.block_expert, (w2, s2), c)

@@ -13,9 +13,14 @@ Work decomposition. A CTA owns one ``block_m x block_n`` output tile (``block_n`
 scale block) of one expert. K streams in 128-wide steps through a TMA pipeline; each step's FP8
 wgmma accumulates into a fresh float32 accumulator, which is then *promoted* into the running sum
 with the step's scales (x's per-row scale times the weight block's scalar): the two-level
-accumulation DeepGEMM uses, since FP8 wgmma has no per-block scales of its own. One warpgroup per
-CTA, 64 rows: the running sum and the step's product are 64 + 64 registers a thread, so two CTAs
-share an SM and one's promotion overlaps the other's wgmma.
+accumulation DeepGEMM uses, since FP8 wgmma has no per-block scales of its own. The running sum and
+the step's product are 64 + 64 registers a thread.
+
+Two schedules (``GroupedGemmConfig.consumers``): 1 (the default, measured on the H100: BENCHMARKS.md)
+-- one warpgroup per CTA issues the TMA pipeline and waits for each step's wgmma before promoting it;
+2 -- warp specialisation as in DeepGEMM: a TMA warpgroup feeds two compute warpgroups that share the x
+tile and own 128 columns each, so one's promotion overlaps the other's wgmma (CPU-tested in interpret
+mode and by lowering; not yet timed on a GPU).
 
 Several weights of the same shape (an expert's gate and up projections) go in one launch: the
 grid's first axis picks the weight, the x tile is read once per weight.
@@ -27,6 +32,7 @@ with the padded group sizes), equal up to the order of the float32 sums.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,10 +54,14 @@ class GroupedGemmConfig:
   block_m: int = 64             # rows per CTA (the wgmma M; the routing glue pads each expert to it)
   block_n: int = 128            # output columns per CTA: one weight-scale block
   max_concurrent_steps: int = 4  # depth of the K pipeline (each step: block_m x 128 + block_n x 128 bytes)
+  consumers: int = 1            # compute warpgroups per CTA: 1, or 2 beside a TMA warpgroup (warp
+                                # specialisation; each owns 128 of the CTA's 256 columns and shares x)
 
   def __post_init__(self):
     if self.block_m % 64:
       raise ValueError(f"block_m = {self.block_m} must be a multiple of 64 (the wgmma M)")
+    if self.consumers not in (1, 2):
+      raise ValueError(f"consumers = {self.consumers}: expected 1 or 2 compute warpgroups")
     if self.block_n != SCALE_BLOCK:
       raise ValueError(f"block_n = {self.block_n}: the kernel applies one weight scale per tile, so it must be "
                        f"{SCALE_BLOCK}")
@@ -96,54 +106,73 @@ def grouped_gemm_fp8(xq: Float[Array, "m k"], xs: Float[Array, "m kb"], weights:
   _check_operands(xq, xs, weights, w_scales, block_expert, bm)
   m, k = xq.shape
   n = weights[0].shape[1]
-  n_weights, n_blocks_m, n_blocks_n, k_steps = len(weights), m // bm, n // bn, k // bk
+  wgs = config.consumers
+  cta_n = wgs * bn
+  if n % cta_n:
+    raise ValueError(f"N = {n} must be a multiple of {cta_n} ({wgs} warpgroups x {bn} columns)")
+  n_weights, n_blocks_m, n_blocks_n, k_steps = len(weights), m // bm, n // cta_n, k // bk
   xs_t = xs.astype(jnp.float32).T  # [K/128, M]: a row block's scales of one K step are contiguous
   tiled = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
+  in_specs = [
+      plgpu.BlockSpec((bm, bk), lambda s: (0, s), transforms=tiled),
+      plgpu.BlockSpec((cta_n, bk), lambda s: (0, s), transforms=tiled),
+      plgpu.BlockSpec((1, bm), lambda s: (s, 0)),
+  ]
 
   def kernel(block_expert_gmem, xs_gmem, x_gmem, *refs):
     w_gmems, ws_gmems = refs[:n_weights], refs[n_weights:2 * n_weights]
     out_gmem, o_smem = refs[2 * n_weights:]
     wi, ni, mi = lax.axis_index("w"), lax.axis_index("n"), lax.axis_index("m")
+    wg = lax.axis_index("wg") if wgs > 1 else 0
     expert = block_expert_gmem[mi]
+    col_block = ni * wgs + wg  # this warpgroup's 128 output columns: one weight-scale block
+
+    def step(ws_gmem, idx, x_smem, w_smem, xs_smem, acc):
+      def product(tmp_ref):  # this K step's x . w^T, FP8 operands, float32 accumulation
+        plgpu.wgmma(tmp_ref, x_smem, w_smem.at[pl.ds(wg * bn, bn)].T if wgs > 1 else w_smem.T)
+        return plgpu.wgmma_accumulator_load(tmp_ref)
+      partial = pl.run_scoped(product, plgpu.ACC((bm, bn), jnp.float32))
+      scale = xs_smem[0] * ws_gmem[expert, col_block, idx[0]]  # per row: x's block scale times the weight block's
+      return acc + partial * lax.broadcast_in_dim(scale, (bm, bn), [0])
+
+    def epilogue(acc):
+      o_smem.at[wg][...] = acc.astype(o_smem.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[wi, pl.ds(mi * bm, bm), pl.ds(col_block * bn, bn)])
+      plgpu.wait_smem_to_gmem(0)
+
+    def zeros():
+      return plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA)
 
     def tile(w_gmem, ws_gmem):
-      def step(idx, x_smem, w_smem, xs_smem, acc):
-        def product(tmp_ref):  # this K step's x . w^T, FP8 operands, float32 accumulation
-          plgpu.wgmma(tmp_ref, x_smem, w_smem.T)
-          return plgpu.wgmma_accumulator_load(tmp_ref)
-        partial = pl.run_scoped(product, plgpu.ACC((bm, bn), jnp.float32))
-        scale = xs_smem[0] * ws_gmem[expert, ni, idx[0]]  # per row: x's block scale times the weight block's
-        return acc + partial * lax.broadcast_in_dim(scale, (bm, bn), [0])
-
-      acc = plgpu.emit_pipeline(
-          step,
-          grid=(k_steps,),
-          in_specs=[
-              plgpu.BlockSpec((bm, bk), lambda s: (mi, s), transforms=tiled),
-              plgpu.BlockSpec((bn, bk), lambda s: (ni, s), transforms=tiled),
-              plgpu.BlockSpec((1, bm), lambda s: (s, mi)),
-          ],
+      operands = (x_gmem.at[pl.ds(mi * bm, bm)], w_gmem.at[expert, pl.ds(ni * cta_n, cta_n)],
+                  xs_gmem.at[:, pl.ds(mi * bm, bm)])
+      body = functools.partial(step, ws_gmem)
+      if wgs == 1:
+        epilogue(plgpu.emit_pipeline(body, grid=(k_steps,), in_specs=in_specs,
+                                     max_concurrent_steps=config.max_concurrent_steps, init_carry=zeros())(*operands))
+        return
+      plgpu.emit_pipeline_warp_specialized(
+          body, grid=(k_steps,), in_specs=in_specs, memory_registers=40, wg_axis="wg", num_compute_wgs=wgs,
           max_concurrent_steps=config.max_concurrent_steps,
-          init_carry=plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA),
-      )(x_gmem, w_gmem.at[expert], xs_gmem)
-      o_smem[...] = acc.astype(o_smem.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[wi, pl.ds(mi * bm, bm), pl.ds(ni * bn, bn)])
-      plgpu.wait_smem_to_gmem(0)
+          compute_context=lambda run_pipeline: epilogue(run_pipeline(zeros())),
+      )(*operands)
 
     for which in range(n_weights):  # one pipeline per weight array (a ref cannot be chosen at run time)
       @pl.when((expert >= 0) & (wi == which))
       def _tile():
         tile(w_gmems[which], ws_gmems[which])
 
+  threads = {} if wgs == 1 else {"num_threads": wgs + 1, "thread_name": "wg"}
   run = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((n_weights, m, n), out_dtype),
-      scratch_types=[plgpu.SMEM((bm, bn), out_dtype)],
+      scratch_types=[plgpu.SMEM((wgs, bm, bn), out_dtype)],
       grid=(n_weights, n_blocks_n, n_blocks_m),
       grid_names=("w", "n", "m"),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
+      **threads,
   )
   return run(block_expert.astype(jnp.int32), xs_t, xq, *weights, *(s.astype(jnp.float32) for s in w_scales))
 

@@ -27,17 +27,18 @@ def block_layout(sizes, unused_blocks=2):
   return np.concatenate(parts).astype(np.int32)
 
 
-@pytest.mark.parametrize("sizes, n, k, n_weights", [
-    ([70, 0, 1, 130], 256, 256, 2),     # an empty group, a group of one row, non-multiples of block_m
-    ([0, 64, 0], 128, 384, 1),          # a group of exactly one block between empty ones
+@pytest.mark.parametrize("sizes, n, k, n_weights, config", [
+    ([70, 0, 1, 130], 256, 256, 2, GroupedGemmConfig()),  # an empty group, one row, non-multiples of block_m
+    ([0, 64, 0], 128, 384, 1, GroupedGemmConfig()),       # a group of exactly one block between empty ones
+    ([70, 0, 1, 130], 512, 256, 2, GroupedGemmConfig(consumers=2, max_concurrent_steps=2)),  # warp-specialised
 ])
-def test_kernel_equals_the_reference_in_interpret_mode(rng, sizes, n, k, n_weights):
+def test_kernel_equals_the_reference_in_interpret_mode(rng, sizes, n, k, n_weights, config):
   be = block_layout(sizes)
   m = len(be) * BM
   xq, xs = quant.act_quant(jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.1, 10, (m, 1)), jnp.float32))
   weights = [fp8_experts(rng, len(sizes), n, k) for _ in range(n_weights)]
   args = (xq, xs, tuple(w for w, _ in weights), tuple(s for _, s in weights), jnp.asarray(be))
-  got = grouped_gemm_fp8(*args, out_dtype=jnp.float32, interpret=True)
+  got = grouped_gemm_fp8(*args, config, out_dtype=jnp.float32, interpret=True)
   ref = grouped_gemm_fp8_reference(*args, out_dtype=jnp.float32)
   used = int(np.sum(be >= 0)) * BM
   assert got.shape == (n_weights, m, n)
@@ -48,11 +49,12 @@ def test_kernel_lowers_for_hopper_at_the_671b_shapes():
   cfg = preset("v32-671b")
   e, d, i, m = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, 64 * 300
   f8, s = jnp.float8_e4m3fn, jax.ShapeDtypeStruct
-  for n, k, count in ((i, d, 2), (d, i, 1)):  # gate + up in one launch; down
-    args = (s((m, k), f8), s((m, k // 128), jnp.float32), (s((e, n, k), f8),) * count,
-            (s((e, n // 128, k // 128), jnp.float32),) * count, s((m // 64,), jnp.int32))
-    text = jax.jit(grouped_gemm_fp8).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" in text
+  for config in (GroupedGemmConfig(), GroupedGemmConfig(consumers=2)):
+    for n, k, count in ((i, d, 2), (d, i, 1)):  # gate + up in one launch; down
+      args = (s((m, k), f8), s((m, k // 128), jnp.float32), (s((e, n, k), f8),) * count,
+              (s((e, n // 128, k // 128), jnp.float32),) * count, s((m // 64,), jnp.int32))
+      run = jax.jit(lambda *a, config=config: grouped_gemm_fp8(*a, config=config))
+      assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_kernel_rejects_bad_operands(rng):
@@ -67,6 +69,8 @@ def test_kernel_rejects_bad_operands(rng):
     grouped_gemm_fp8(xq, xs, (w,), (s[:, :, :1],), be)
   with pytest.raises(ValueError, match="block_m"):
     GroupedGemmConfig(block_m=48)
+  with pytest.raises(ValueError, match="multiple of 256"):
+    grouped_gemm_fp8(xq, xs, (w,), (s,), be, GroupedGemmConfig(consumers=2))
 
 
 def test_align_to_blocks(rng):
@@ -123,12 +127,13 @@ def test_kernel_on_gpu(rng):
   be = block_layout(sizes)
   m = len(be) * BM
   xq, xs = quant.act_quant(jnp.asarray(rng.standard_normal((m, 512)), jnp.bfloat16))
-  weights = [fp8_experts(rng, len(sizes), 384, 512) for _ in range(2)]
+  weights = [fp8_experts(rng, len(sizes), 512, 512) for _ in range(2)]
   args = (xq, xs, tuple(w for w, _ in weights), tuple(s for _, s in weights), jnp.asarray(be))
   used = int(np.sum(be >= 0)) * BM
-  got = jax.jit(grouped_gemm_fp8)(*args)[:, :used].astype(jnp.float32)
   ref = grouped_gemm_fp8_reference(*args, out_dtype=jnp.float32)[:, :used]
-  assert rel_err(got, ref) < 1e-2  # bf16 output
+  for config in (GroupedGemmConfig(), GroupedGemmConfig(consumers=2)):
+    got = jax.jit(lambda *a: grouped_gemm_fp8(*a, config=config))(*args)[:, :used].astype(jnp.float32)
+    assert rel_err(got, ref) < 1e-2  # bf16 output
 
 
 @pytest.mark.gpu

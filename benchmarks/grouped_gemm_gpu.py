@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import measured_hbm_bandwidth, median_seconds
+from benchmarks.timing import Table, measured_hbm_bandwidth, median_seconds
 from dsv32_jax import moe, quant
 from dsv32_jax.config import preset
 from pallas_kernels import dispatch
@@ -28,14 +28,7 @@ from pallas_kernels.grouped_gemm_fp8_mgpu import (DEFAULT_CONFIG, GroupedGemmCon
 
 CFG = preset("v32-671b")
 E, DIM, INTER, TOPK = CFG.n_routed_experts, CFG.dim, CFG.moe_inter_dim, CFG.n_activated_experts
-ROWS: list[dict] = []
-
-
-def report(what, seconds, **extra):
-  row = {"what": what, "ms": seconds * 1e3, **extra}
-  ROWS.append(row)
-  rest = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items())
-  print(f"{what:60s} {seconds * 1e3:10.3f} ms  {rest}", flush=True)
+report = Table(60)
 
 
 def fp8_weights(key, e, n, k, chunk=32):
@@ -193,7 +186,7 @@ def main():
 def finish(args, dev, hbm):
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({"device": dev, "jax": jax.__version__, "hbm_Bps": hbm, "rows": ROWS}, f, indent=1)
+      json.dump({"device": dev, "jax": jax.__version__, "hbm_Bps": hbm, "rows": report.rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -18,20 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.timing import measured_hbm_bandwidth, median_seconds
+from benchmarks.timing import Table, measured_hbm_bandwidth, median_seconds
 from dsv32_jax import indexer, quant
 from pallas_kernels.indexer_logits_mgpu import IndexerLogitsConfig, index_logits_mgpu
 from pallas_kernels.topk_gpu import TopkGpuConfig, topk_gpu
 
 H, D, K = 64, 128, 2048
-ROWS: list[dict] = []
-
-
-def report(what, seconds, **extra):
-  row = {"what": what, "ms": seconds * 1e3, **extra}
-  ROWS.append(row)
-  rest = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items())
-  print(f"{what:58s} {seconds * 1e3:10.3f} ms  {rest}", flush=True)
+report = Table(58)
 
 
 def inputs(key, b, s, t):
@@ -136,7 +129,7 @@ def main():
 
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({"device": dev, "rows": ROWS}, f, indent=2)
+      json.dump({"device": dev, "rows": report.rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.timing import median_seconds
 from dsv32_jax import attention as attention_lib

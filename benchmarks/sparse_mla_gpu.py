@@ -19,20 +19,13 @@ import json
 import jax
 import jax.numpy as jnp
 
-from benchmarks.timing import measured_hbm_bandwidth, median_seconds
+from benchmarks.timing import Table, measured_hbm_bandwidth, median_seconds
 from dsv32_jax.mla import sparse_attention_scaled
 from pallas_kernels.sparse_mla_gpu import SparseMlaGpuConfig, flops, sparse_mla_gpu
 
 H, C, R, K = 128, 512, 64, 2048
 SCALE = 0.0625
-ROWS: list[dict] = []
-
-
-def report(what, seconds, **extra):
-  row = {"what": what, "ms": seconds * 1e3, **extra}
-  ROWS.append(row)
-  rest = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items())
-  print(f"{what:64s} {seconds * 1e3:10.3f} ms  {rest}", flush=True)
+report = Table(64)
 
 
 def inputs(key, b, s, t, visible_from):
@@ -108,7 +101,7 @@ def main():
 
   if args.out:
     with open(args.out, "w") as f:
-      json.dump({"device": dev, "jax": jax.__version__, "hbm_Bps": hbm, "rows": ROWS}, f, indent=1)
+      json.dump({"device": dev, "jax": jax.__version__, "hbm_Bps": hbm, "rows": report.rows}, f, indent=1)
 
 
 if __name__ == "__main__":

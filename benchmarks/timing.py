@@ -27,3 +27,16 @@ def measured_hbm_bandwidth(elements: int = 1 << 30) -> float:
   big = jnp.ones((elements,), jnp.float32)
   seconds = median_seconds(jax.jit(lambda x: x + 1), big, iters=5)
   return 2 * big.nbytes / seconds
+
+
+class Table:
+  """Benchmark rows, printed as they come (what, milliseconds, other figures) and kept for the JSON."""
+
+  def __init__(self, width: int = 60):
+    self.rows: list[dict] = []
+    self.width = width
+
+  def __call__(self, what: str, seconds: float, **extra) -> None:
+    self.rows.append({"what": what, "ms": seconds * 1e3, **extra})
+    rest = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items())
+    print(f"{what:{self.width}s} {seconds * 1e3:10.3f} ms  {rest}", flush=True)

@@ -21,6 +21,11 @@ Per row (``jax.lax.top_k`` sorts the whole row, 19 ms for 2048 x 131072 on an H1
 
 The result equals ``dsv32_jax.indexer.select_topk``: the same set, ties to the lower index, and -1
 for slots whose value is -inf (fewer than k visible keys).
+
+One program per row leaves most of the GPU idle at decode (batch 1: one program over 128K values).
+``TopkGpuConfig.row_parts`` splits each row into parts of at least 4k values, takes every part's
+top-k in parallel and then the top-k of their union (exact, same tie rule); not yet timed on a GPU,
+so off by default.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class TopkGpuConfig:
                                 # more makes the batch fall back to lax.top_k, exactly
   block: int = 2048             # values per step of each pass over a row
   num_warps: int = 8
+  row_parts: int | None = 1     # programs per row (decode: few rows, long ones); None: enough to fill
+                                # the GPU. >1: each part's exact top-k, then the top-k of their union
 
 
 SEGMENTS = (1, 2, 4, 8, 16, 32, 64)  # per-row segment sizes: the largest leaving >= 4k maxima
@@ -94,11 +101,46 @@ def topk_gpu(logits: Float[Array, "r t"], k: int, lengths: Int[Array, "r"] | Non
   if t <= 2 * k:
     return reference(logits, k)  # short rows: pruning saves nothing
   lengths = jnp.full((r,), t, jnp.int32) if lengths is None else jnp.minimum(lengths, t)
+  parts = _row_parts(config, r, t, k)
+  if parts > 1:
+    return _topk_by_parts(logits, k, lengths, parts, config, interpret)
   rows = logits
   if t % ROW_ALIGN:  # whole blocks of at least the largest segment (the padding is never read: lengths <= t)
     rows = jnp.pad(logits, ((0, 0), (0, ROW_ALIGN - t % ROW_ALIGN)), constant_values=-jnp.inf)
   idx, overflow = topk_candidates_kernel(rows, lengths, k, config, interpret)
   return lax.cond(jnp.any(overflow > 0), lambda: reference(logits, k), lambda: idx)
+
+
+NUM_SMS = 132  # H100 / H200 SXM
+
+
+def _row_parts(config: TopkGpuConfig, rows: int, t: int, k: int) -> int:
+  most = max(1, t // (4 * k))  # parts of at least 4k values: a part's top-k still prunes
+  if config.row_parts is None:
+    return min(most, max(1, 2 * NUM_SMS // rows))
+  return max(1, min(config.row_parts, most))
+
+
+def _topk_by_parts(logits: Float[Array, "r t"], k: int, lengths: Int[Array, "r"], parts: int,
+                   config: TopkGpuConfig, interpret: bool) -> Int[Array, "r k"]:
+  """The top-k of each row as the top-k of its parts' top-k sets, so that few rows fill the GPU.
+
+  Exact, with the same tie rule: the row's top k lie among its parts' top k, and equal values keep
+  their index order through both stages (parts in row order; inside a part, candidates of equal value
+  in index order), so ties still go to the lower index.
+  """
+  r, t = logits.shape
+  part = -(-t // parts)
+  part = -(-part // ROW_ALIGN) * ROW_ALIGN
+  padded = jnp.pad(logits, ((0, 0), (0, part * parts - t)), constant_values=-jnp.inf)
+  starts = jnp.arange(parts, dtype=jnp.int32) * part
+  part_lengths = jnp.clip(lengths[:, None] - starts[None, :], 0, part).reshape(-1)
+  one_part = dataclasses.replace(config, row_parts=1)
+  local = topk_gpu(padded.reshape(r * parts, part), k, part_lengths, one_part, interpret).reshape(r, parts, k)
+  candidates = jnp.where(local >= 0, local + starts[None, :, None], -1).reshape(r, parts * k)
+  values = jnp.where(candidates >= 0, jnp.take_along_axis(padded, jnp.maximum(candidates, 0), axis=1), -jnp.inf)
+  chosen = topk_gpu(values, k, None, one_part, interpret)
+  return jnp.where(chosen >= 0, jnp.take_along_axis(candidates, jnp.maximum(chosen, 0), axis=1), -1)
 
 
 def topk_candidates_kernel(logits: Float[Array, "r t"], lengths: Int[Array, "r"], k: int, config: TopkGpuConfig,

@@ -7,8 +7,8 @@ the 671B shapes (128 heads, latent 512 + rope 64, top-2048), bf16.
 Prints one table (and writes JSON): a correctness check on this GPU, then prefill -- a chunk of
 --chunk queries at the end of an L-token context (L = 4K, 32K, 128K), each with its own random
 2048 of the visible keys -- in useful TFLOP/s (2 * heads * k * (2 * 512 + 64) a query), and decode
-steps (one query per sequence, batch 1 / 32 / 128, 128K cache) with the gathered rows' bytes as a
-share of the measured HBM copy bandwidth. ``--configs``: block_h,block_k,num_warps,num_stages each.
+steps (one query per sequence, batch 1 / 32 / 128, 128K cache; from the bf16 cache and from the
+656-byte FP8 one) with the gathered rows' bytes as a share of the measured HBM copy bandwidth. ``--configs``: block_h,block_k,num_warps,num_stages each.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.timing import Table, measured_hbm_bandwidth, median_seconds
+from dsv32_jax import quant
 from dsv32_jax.mla import sparse_attention_scaled
 from pallas_kernels.sparse_mla_gpu import SparseMlaGpuConfig, flops, sparse_mla_gpu
 
@@ -54,6 +55,7 @@ def main():
   ap.add_argument("--decode-context", type=int, default=131072)
   ap.add_argument("--configs", nargs="*", default=None, help="kernel configs to time (default: the default)")
   ap.add_argument("--skip-reference", action="store_true")
+  ap.add_argument("--skip-fp8-cache", action="store_true", help="decode from the bf16 cache only")
   ap.add_argument("--interpret", action="store_true", help="the kernel in interpret mode (a CPU smoke run)")
   args = ap.parse_args()
   configs = [parse_config(c) for c in args.configs] if args.configs else [SparseMlaGpuConfig()]
@@ -97,6 +99,17 @@ def main():
     operands = inputs(jax.random.fold_in(key, b), b, 1, t_len, t_len - 1)
     run(f"decode, batch {b}, cache {t_len:,}", operands, flops(b, 1, H, C, R, K),
         b * K * 2 * (C + R) + 2 * b * H * (C + R + C))
+    if not args.skip_fp8_cache:  # FlashMLA's 656-byte layout: e4m3 latent + 4 scales + bf16 rope
+      q, qp, kv, kpe, idx = operands
+      kv8, kv_scale = quant.act_quant(kv)
+      for c in configs:
+        fn = jax.jit(lambda q, qp, kv8, kpe, idx, sc, c=c: sparse_mla_gpu(q, qp, kv8, kpe, idx, SCALE, c,
+                                                                          interpret=args.interpret, kv_scale=sc)[0])
+        t = median_seconds(fn, q, qp, kv8, kpe, idx, kv_scale)
+        report(f"kernel {c.block_h}/{c.block_k}/{c.num_warps}/{c.num_stages}: decode, batch {b}, FP8 cache", t,
+               TFLOPs=flops(b, 1, H, C, R, K) / t / 1e12,
+               HBM_share=(b * K * 656 + 2 * b * H * (C + R + C)) / t / hbm)
+      del kv8, kv_scale
     del operands
 
   if args.out:

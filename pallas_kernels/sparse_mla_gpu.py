@@ -18,7 +18,8 @@ same rows, so a gathered tile serves all of them -- the FlashMLA lesson) and a c
 query's top-k slots (``k_splits`` programs per query when the batch is small, flash-decoding style:
 their partial outputs and log-sum-exps are merged afterwards). Tiles of ``block_k`` selected rows are
 gathered (latent 512 + rope 64), scored against the heads with two MMAs, and folded into the output
-by an online softmax in float32.
+by an online softmax in float32. The latent may come from an FP8 cache (e4m3 + a scale per 128
+values, FlashMLA's 656 bytes a token with the bf16 rope), dequantised tile by tile after the gather.
 """
 
 from __future__ import annotations
@@ -62,9 +63,16 @@ def _k_splits(config: SparseMlaGpuConfig, programs: int, tiles: int) -> int:
 
 def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv: Float[Array, "b t c"],
                    k_pe: Float[Array, "b t r"], idx: Int[Array, "b s k"], scale: float,
-                   config: SparseMlaGpuConfig = SparseMlaGpuConfig(), interpret: bool = False
+                   config: SparseMlaGpuConfig = SparseMlaGpuConfig(), interpret: bool = False,
+                   kv_scale: Float[Array, "b t cb"] | None = None,
                    ) -> tuple[Float[Array, "b s h c"], Float[Array, "b s h"]]:
-  """(output in q_lat's dtype, log-sum-exp float32). A query with no valid slot gets zeros and -inf."""
+  """(output in q_lat's dtype, log-sum-exp float32). A query with no valid slot gets zeros and -inf.
+
+  An FP8 latent cache (FlashMLA's 656 bytes a token: 512 e4m3 + 4 float32 scales + 64 bf16 rope) is
+  ``kv`` in e4m3 with ``kv_scale`` [B, T, 512/128]: each gathered tile is dequantised in the kernel.
+  The release rounds the latent through e4m3 with per-128 scales before caching, so this cache holds
+  exactly the values of the bf16 one.
+  """
   b, s, h, c = q_lat.shape
   r, t, k = q_pe.shape[-1], kv.shape[1], idx.shape[-1]
   if kv.shape != (b, t, c) or k_pe.shape != (b, t, r) or q_pe.shape != (b, s, h, r) or idx.shape[:2] != (b, s):
@@ -72,6 +80,13 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
                      f"k_pe {k_pe.shape}, idx {idx.shape} do not agree")
   if c & (c - 1) or r & (r - 1) or c < 16 or r < 16:
     raise ValueError(f"sparse_mla_gpu: latent {c} and rope {r} dims must be powers of two >= 16")
+  fp8 = kv.dtype == jnp.float8_e4m3fn
+  if fp8 != (kv_scale is not None):
+    raise ValueError(f"sparse_mla_gpu: an e4m3 latent cache needs kv_scale and only it takes one (kv {kv.dtype}, "
+                     f"kv_scale {'given' if kv_scale is not None else 'missing'})")
+  if fp8 and (kv_scale.shape[:2] != (b, t) or c % kv_scale.shape[2]):
+    raise ValueError(f"sparse_mla_gpu: kv_scale {kv_scale.shape} must be [B, T, groups] with {c} divisible by groups")
+  group = c // kv_scale.shape[2] if fp8 else c
   bh, bk = min(config.block_h, max(16, 1 << (h - 1).bit_length())), config.block_k
   h_pad, k_pad = -(-h // bh) * bh, -(-k // bk) * bk
   if h_pad != h:
@@ -84,7 +99,8 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
   splits = _k_splits(config, b * s * n_hb, tiles)
   tiles_per_split = -(-tiles // splits)
 
-  def kernel(idx_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, o_ref, lse_ref):
+  def kernel(idx_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, *refs):
+    kv_scale_ref, o_ref, lse_ref = refs if fp8 else (None, *refs)
     bi, si = pl.program_id(0) // s, pl.program_id(0) % s
     hi, split = pl.program_id(1), pl.program_id(2)
     heads = pl.ds(hi * bh, bh)
@@ -100,6 +116,9 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
       valid = ids >= 0
       rows = jnp.where(valid, ids, 0)
       kv_rows = kv_ref[bi, rows[:, None], lat_cols[None, :]]   # [bk, c]: one gathered row per slot
+      if fp8:  # e4m3 x its block's scale, in the queries' dtype
+        kv_scales = kv_scale_ref[bi, rows[:, None], (lat_cols // group)[None, :]]
+        kv_rows = (kv_rows.astype(jnp.float32) * kv_scales).astype(q.dtype)
       pe_rows = k_pe_ref[bi, rows[:, None], rope_cols[None, :]]  # [bk, r]
       score = (jnp.dot(q, kv_rows.T, preferred_element_type=jnp.float32)
                + jnp.dot(qp, pe_rows.T, preferred_element_type=jnp.float32)) * scale
@@ -125,7 +144,7 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
       grid=(b * s, n_hb, splits),
       compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
       interpret=interpret,
-  )(idx, q_lat, q_pe, kv, k_pe)
+  )(idx, q_lat, q_pe, kv, k_pe, *((kv_scale.astype(jnp.float32),) if fp8 else ()))
   if splits > 1:  # merge the partial softmaxes: weights exp(lse_i - lse)
     total = jax.nn.logsumexp(lse, axis=2, keepdims=True)
     w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(total), total, 0.0)), 0.0)

@@ -55,14 +55,30 @@ def test_query_without_valid_slots_gets_zeros(rng):
   assert rel_err(o[0, 0], sparse_attention_scaled(0.1, q, qp, kv, kpe, idx)[0, 0]) < 1e-5
 
 
+def test_fp8_latent_cache_equals_the_dequantised_reference(rng):
+  """The 656-byte layout: e4m3 latent + a float32 scale per 128 + the rope part in the queries' dtype."""
+  from dsv32_jax import quant
+  q, qp, kv, kpe, idx = inputs(rng, 1, 3, 16, 256, 16, 120, 48)
+  kv8, kv_scale = quant.act_quant(kv * 5)
+  o, _ = sparse_mla_gpu(q, qp, kv8, kpe, idx, 0.1, SparseMlaGpuConfig(block_h=16, block_k=16), interpret=True,
+                        kv_scale=kv_scale)
+  ref = sparse_attention_scaled(0.1, q, qp, quant.act_dequant(kv8, kv_scale), kpe, idx)
+  assert rel_err(o, ref) < 1e-5
+  with pytest.raises(ValueError, match="kv_scale"):
+    sparse_mla_gpu(q, qp, kv8, kpe, idx, 0.1)
+
+
 @pytest.mark.parametrize("b, s, t", [(1, 256, 8192), (32, 1, 131072)])  # a prefill chunk; a decode batch
 def test_kernel_lowers_for_hopper_at_the_671b_shapes(b, s, t):
   shape = jax.ShapeDtypeStruct
   args = (shape((b, s, 128, 512), jnp.bfloat16), shape((b, s, 128, 64), jnp.bfloat16),
           shape((b, t, 512), jnp.bfloat16), shape((b, t, 64), jnp.bfloat16), shape((b, s, 2048), jnp.int32))
+  fp8 = (shape(args[2].shape, jnp.float8_e4m3fn), shape((b, t, 4), jnp.float32))
   with jax.sharding.use_abstract_mesh(H100_ABSTRACT):
-    text = jax.jit(lambda *a: sparse_mla_gpu(*a, 0.07)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert "triton" in text.lower()
+    for run, operands in ((lambda *a: sparse_mla_gpu(*a, 0.07), args),
+                          (lambda q, qp, kv, kpe, i, sc: sparse_mla_gpu(q, qp, kv, kpe, i, 0.07, kv_scale=sc),
+                           (*args[:2], fp8[0], *args[3:], fp8[1]))):  # the bf16 and the FP8 cache
+      assert "triton" in jax.jit(run).trace(*operands).lower(lowering_platforms=("cuda",)).as_text().lower()
 
 
 def test_flops_count():

@@ -146,7 +146,8 @@ def workload(cfg, batch: int, prompt_len: int, steps: int, seed: int):
 def run_expert_parallel(plan, cfg, opts, params, work, iters, quiet=False):
   tokens, lengths, feed, cache_len = work
   b, s = tokens.shape
-  cache = sharded_cache(plan, cfg, cfg.n_layers, b, cache_len, opts.jnp_dtype, opts.indexer_quant)
+  cache = sharded_cache(plan, cfg, cfg.n_layers, b, cache_len, opts.jnp_dtype, opts.indexer_quant,
+                        opts.fp8_latent_cache)
   prefill = serve.prefill_step(plan, cfg, opts, params, cache, b, s)
   decode = serve.decode_step(plan, cfg, opts, params, cache, b)
   return run_workload(f"EP {plan.mesh.size}", prefill, decode, params, cache, serve.put(tokens, prefill.in_shardings[1]),
@@ -158,7 +159,8 @@ def run_single(device, cfg, opts, params, work, iters, quiet=False):
   tokens, lengths, feed, cache_len = work
   b = tokens.shape[0]
   one = jax.sharding.SingleDeviceSharding(device)
-  cache = jax.device_put(cache_lib.init_cache(cfg, cfg.n_layers, b, cache_len, opts.jnp_dtype, opts.indexer_quant), one)
+  cache = jax.device_put(cache_lib.init_cache(cfg, cfg.n_layers, b, cache_len, opts.jnp_dtype, opts.indexer_quant,
+                                                    opts.fp8_latent_cache), one)
   donate = () if device.platform == "cpu" else (3,)
   prefill = jax.jit(lambda p, t, l, c: generate.prefill(p, cfg, opts, t, l, c), donate_argnums=donate)
   decode = jax.jit(lambda p, t, pos, c: generate.decode_step(p, cfg, opts, t, pos, c), donate_argnums=donate)

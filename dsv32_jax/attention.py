@@ -70,8 +70,13 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   q_nope, q_pe, qr = mla.project_queries(p, cfg, x, cos, sin)
   c, k_pe = mla.project_latent(p, cfg, x, cos, sin, opts.latent_quant)
   index_k, index_k_scale = indexer.indexer_keys(p["indexer"], cfg, x, cos, sin, opts.indexer_quant)
-  cache = cache_lib.write(cache, layer, start, cache_lib.LayerCache(c, k_pe, index_k, index_k_scale))
+  cache = cache_lib.write(cache, layer, start, cache_lib.new_entries(cache, c, k_pe, index_k, index_k_scale))
   keys = cache_lib.read(cache, layer, kv_len)
+  # The latent in the activation dtype (dequantised once from an e4m3 cache), except for the GPU
+  # sparse MLA kernel, which takes the e4m3 rows and dequantises each gathered tile itself.
+  fp8_rows = (keys.latent_fp8 and form == "absorbed" and gather
+              and dispatch.sparse_mla_reads_fp8_latent(opts.kernels))
+  kv = keys.kv if fp8_rows else cache_lib.latent(keys, x.dtype)
 
   select = kv_len > cfg.index_topk
   if select:
@@ -79,7 +84,7 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   else:  # placeholders of the right batch/query shape; unused
     index_q, index_w = jnp.zeros((b, s, 1, 1), x.dtype), jnp.zeros((b, s, 1), jnp.float32)
   if form == "naive":
-    k_nope, v = mla.expand_keys(p, cfg, keys.kv)
+    k_nope, v = mla.expand_keys(p, cfg, kv)
     q_main = q_nope
   else:
     q_main = mla.absorb_query(p, cfg, q_nope)
@@ -99,11 +104,11 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
     if form == "naive":
       return mla.naive_attention(cfg, q_main, q_pe, k_nope, v, keys.k_pe, visible), idx
     if gather:
-      o_lat = dispatch.sparse_mla(q_main, q_pe, keys.kv, keys.k_pe,
+      o_lat = dispatch.sparse_mla(q_main, q_pe, kv, keys.k_pe,
                                   idx if select else jnp.where(visible, key_pos, -1), cfg.softmax_scale,
-                                  impl=opts.kernels)  # reference: mla.sparse_attention
+                                  impl=opts.kernels, kv_scale=keys.kv_scale if fp8_rows else None)
     else:
-      o_lat = mla.absorbed_attention(cfg, q_main, q_pe, keys.kv, keys.k_pe, visible)
+      o_lat = mla.absorbed_attention(cfg, q_main, q_pe, kv, keys.k_pe, visible)
     return mla.latent_output(p, cfg, o_lat), idx
 
   o, idx = map_query_blocks(attend, opts.query_chunk, q_main, q_pe, index_q, index_w, positions)

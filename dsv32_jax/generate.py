@@ -123,7 +123,8 @@ def generate(params: Params, cfg: ModelConfig, opts: RunOptions, prompts: Sequen
   for i, p in enumerate(prompts):
     tokens_np[i, :len(p)] = p
   tokens, lengths = jnp.asarray(tokens_np), jnp.asarray(lengths_np)
-  cache = cache_lib.init_cache(cfg, cfg.n_layers, b, max_len, opts.jnp_dtype, opts.indexer_quant)
+  cache = cache_lib.init_cache(cfg, cfg.n_layers, b, max_len, opts.jnp_dtype, opts.indexer_quant,
+                               opts.fp8_latent_cache)
   key = jax.random.key(seed)
   t0 = time.perf_counter()
   prefill_fn = _compiled(_prefill_and_sample, (cfg, opts, sampling), params, tokens, lengths, cache, key)

@@ -19,6 +19,9 @@ class RunOptions:
   dtype: str = "bfloat16"                   # activation and cache dtype ("float32" for exact comparisons)
   indexer_quant: bool = True                # Hadamard + FP8 e4m3 indexer, as released
   latent_quant: bool = True                 # round the MLA latent through FP8 before caching (Dec 2025 code)
+  fp8_latent_cache: bool = False            # cache that latent as e4m3 + a float32 scale per 128 values
+                                            # (FlashMLA's 656 bytes a token with the rope part): the same
+                                            # values as the bf16 cache in 57% of its bytes
   prefill_attention: str = "naive"          # the official prefill computes MLA unabsorbed
   decode_attention: str = "absorbed"        # and decode in the latent
   prefill_selection: str = "mask"           # the official demo masks dense scores
@@ -41,6 +44,9 @@ class RunOptions:
       if getattr(self, f"{phase}_attention") == "naive" and getattr(self, f"{phase}_selection") == "gather":
         raise ValueError(f"RunOptions: {phase}_attention='naive' applies the top-k set as a mask;"
                          f" gathering needs {phase}_attention='absorbed'")
+    if self.fp8_latent_cache and not self.latent_quant:
+      raise ValueError("RunOptions.fp8_latent_cache needs latent_quant=True: the e4m3 cache holds the latent "
+                       "rounded through FP8, it does not round it")
     if self.query_chunk <= 0:
       raise ValueError(f"RunOptions.query_chunk = {self.query_chunk} must be positive")
     if self.kernels not in ("auto", "reference", "pallas"):

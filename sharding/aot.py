@@ -34,6 +34,7 @@ def main(argv=None) -> int:
   ap.add_argument("--cache-len", type=int, default=131072, help="cache slots per sequence")
   ap.add_argument("--weights", choices=["fp8", "bf16"], default="fp8")
   ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+  ap.add_argument("--fp8-cache", action="store_true", help="the MLA latent cached as e4m3 + scales (656 B a token)")
   ap.add_argument("--capacity-factor", type=float, default=2.0)
   ap.add_argument("--round-rows", type=int, default=65536, help="worst-case expert receive buffer (rows)")
   ap.add_argument("--exchange", choices=["auto", "ragged", "dense"], default="auto",
@@ -70,9 +71,10 @@ def main(argv=None) -> int:
   shape = tuple(int(v) for v in args.mesh.split(","))
   plan = ShardingPlan(make_mesh(*shape, devices=devices), expert_exchange=args.exchange,
                       expert_capacity_factor=args.capacity_factor, expert_round_rows=args.round_rows)
-  opts = RunOptions(dtype=args.dtype)
+  opts = RunOptions(dtype=args.dtype, fp8_latent_cache=args.fp8_cache)
   params = abstract_params(plan, cfg, fp8=args.weights == "fp8")
-  cache = abstract_cache(plan, cfg, cfg.n_layers, args.batch, args.cache_len, opts.jnp_dtype, opts.indexer_quant)
+  cache = abstract_cache(plan, cfg, cfg.n_layers, args.batch, args.cache_len, opts.jnp_dtype, opts.indexer_quant,
+                         opts.fp8_latent_cache)
   used = {k: v for k, v in params.items() if k != "mtp"}  # the MTP module is not part of prefill/decode
   gib = 2.0 ** 30
   result = {

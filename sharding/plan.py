@@ -165,17 +165,18 @@ def cache_shardings(plan: ShardingPlan, cache: cache_lib.LayerCache) -> cache_li
 
 
 def abstract_cache(plan: ShardingPlan, cfg: ModelConfig, n_layers: int, batch: int, max_len: int, dtype,
-                   indexer_quant: bool = True) -> cache_lib.LayerCache:
-  shapes = jax.eval_shape(lambda: cache_lib.init_cache(cfg, n_layers, batch, max_len, dtype, indexer_quant))
+                   indexer_quant: bool = True, latent_fp8: bool = False) -> cache_lib.LayerCache:
+  shapes = jax.eval_shape(lambda: cache_lib.init_cache(cfg, n_layers, batch, max_len, dtype, indexer_quant,
+                                                       latent_fp8))
   shardings = cache_shardings(plan, shapes)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
 
 
 def sharded_cache(plan: ShardingPlan, cfg: ModelConfig, n_layers: int, batch: int, max_len: int, dtype,
-                  indexer_quant: bool = True) -> cache_lib.LayerCache:
+                  indexer_quant: bool = True, latent_fp8: bool = False) -> cache_lib.LayerCache:
   """An empty cache created directly in its sharded layout (no device ever holds all of it)."""
-  target = abstract_cache(plan, cfg, n_layers, batch, max_len, dtype, indexer_quant)
-  make = jax.jit(lambda: cache_lib.init_cache(cfg, n_layers, batch, max_len, dtype, indexer_quant),
+  target = abstract_cache(plan, cfg, n_layers, batch, max_len, dtype, indexer_quant, latent_fp8)
+  make = jax.jit(lambda: cache_lib.init_cache(cfg, n_layers, batch, max_len, dtype, indexer_quant, latent_fp8),
                  out_shardings=jax.tree.map(lambda a: a.sharding, target))
   return make()
 

@@ -38,6 +38,7 @@ CACHE = {  # cache_lib.LayerCache fields: [layers, batch, slots, ...]
     "k_pe": ("layers", "batch", "cache_sequence", "rope"),
     "index_k": ("layers", "batch", "cache_sequence", "index_dim"),
     "index_k_scale": ("layers", "batch", "cache_sequence"),
+    "kv_scale": ("layers", "batch", "cache_sequence", None),
 }
 
 DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (

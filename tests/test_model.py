@@ -19,7 +19,8 @@ F32_FP8 = RunOptions(dtype="float32")  # the release's FP8 simulations, in float
 
 def prefill_logits(params, cfg, opts, tokens, cache_len=None):
   b, s = tokens.shape
-  cache = cache_lib.init_cache(cfg, cfg.n_layers, b, cache_len or s, opts.jnp_dtype, opts.indexer_quant)
+  cache = cache_lib.init_cache(cfg, cfg.n_layers, b, cache_len or s, opts.jnp_dtype, opts.indexer_quant,
+                               opts.fp8_latent_cache)
   fn = jax.jit(lambda p, t, c: model.forward(p, cfg, opts, t, jnp.zeros(b, jnp.int32), c, kv_len=s))
   hidden, cache = fn(params, tokens, cache)
   return model.logits(params, hidden), cache
@@ -27,7 +28,8 @@ def prefill_logits(params, cfg, opts, tokens, cache_len=None):
 
 def decode_logits(params, cfg, opts, tokens, cache_len):
   b, s = tokens.shape
-  cache = cache_lib.init_cache(cfg, cfg.n_layers, b, cache_len, opts.jnp_dtype, opts.indexer_quant)
+  cache = cache_lib.init_cache(cfg, cfg.n_layers, b, cache_len, opts.jnp_dtype, opts.indexer_quant,
+                               opts.fp8_latent_cache)
   step = jax.jit(lambda p, t, pos, c: model.forward(p, cfg, opts, t, pos, c))
   out = []
   for i in range(s):
@@ -38,6 +40,24 @@ def decode_logits(params, cfg, opts, tokens, cache_len):
 
 def tokens_for(cfg, rng, b, s):
   return jnp.asarray(rng.integers(0, cfg.vocab_size, (b, s)), jnp.int32)
+
+
+@pytest.mark.parametrize("form", ["naive", "absorbed"])
+def test_fp8_latent_cache_gives_the_same_logits(tiny_cfg, tiny_params_fp8, rng, form):
+  """The e4m3 latent cache (656 bytes a token) holds exactly the values of the bf16 cache with the
+  release's latent rounding: prefill and decode logits are bit-identical, in bf16."""
+  tokens = tokens_for(tiny_cfg, rng, 2, 40)  # 40 > index_topk: the indexer selects
+  opts = RunOptions(prefill_attention=form, prefill_selection="mask" if form == "naive" else "gather")
+  fp8 = opts.replace(fp8_latent_cache=True)
+  want, want_cache = prefill_logits(tiny_params_fp8, tiny_cfg, opts, tokens)
+  got, got_cache = prefill_logits(tiny_params_fp8, tiny_cfg, fp8, tokens)
+  assert got_cache.kv.dtype == jnp.float8_e4m3fn and got_cache.kv_scale.shape[-1] == tiny_cfg.kv_lora_rank // 128
+  np.testing.assert_array_equal(np.asarray(cache_lib.latent(got_cache, jnp.bfloat16)), np.asarray(want_cache.kv))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  np.testing.assert_array_equal(np.asarray(decode_logits(tiny_params_fp8, tiny_cfg, fp8, tokens[:, :20], 24)),
+                                np.asarray(decode_logits(tiny_params_fp8, tiny_cfg, opts, tokens[:, :20], 24)))
+  with pytest.raises(ValueError, match="latent_quant"):
+    RunOptions(latent_quant=False, fp8_latent_cache=True)
 
 
 @pytest.mark.parametrize("weights, opts", [("bf16", EXACT_F32), ("fp8", F32_FP8)])

@@ -72,10 +72,9 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   index_k, index_k_scale = indexer.indexer_keys(p["indexer"], cfg, x, cos, sin, opts.indexer_quant)
   cache = cache_lib.write(cache, layer, start, cache_lib.new_entries(cache, c, k_pe, index_k, index_k_scale))
   keys = cache_lib.read(cache, layer, kv_len)
-  # The latent in the activation dtype (dequantised once from an e4m3 cache), except for the GPU
-  # sparse MLA kernel, which takes the e4m3 rows and dequantises each gathered tile itself.
-  fp8_rows = (keys.latent_fp8 and form == "absorbed" and gather
-              and dispatch.sparse_mla_reads_fp8_latent(opts.kernels))
+  # The latent in the activation dtype (dequantised from an e4m3 cache) for the forms that read every
+  # row; the gathered form takes the e4m3 rows and dequantises only the selected ones.
+  fp8_rows = keys.latent_fp8 and form == "absorbed" and gather
   kv = keys.kv if fp8_rows else cache_lib.latent(keys, x.dtype)
 
   select = kv_len > cfg.index_topk

@@ -118,13 +118,19 @@ def sparse_attention(cfg: ModelConfig, q_lat: Float[Array, "b s h c"], q_pe, c: 
 
 
 def sparse_attention_scaled(scale: float, q_lat: Float[Array, "b s h c"], q_pe, c: Float[Array, "b t c"],
-                            k_pe: Float[Array, "b t r"], idx: Int[Array, "b s k"]) -> Float[Array, "b s h c"]:
-  """``sparse_attention`` with the score scale given: the reference of the sparse MLA kernels."""
+                            k_pe: Float[Array, "b t r"], idx: Int[Array, "b s k"],
+                            c_scale: Float[Array, "b t cb"] | None = None) -> Float[Array, "b s h c"]:
+  """``sparse_attention`` with the score scale given: the reference of the sparse MLA kernels.
+
+  c_scale: c is an e4m3 latent cache with a scale per 128 values; only the selected rows are dequantised.
+  """
   dtype = q_lat.dtype
   valid = idx >= 0
   safe = jnp.where(valid, idx, 0)
   gather = jax.vmap(lambda rows, i: rows[i])  # per sequence: [T, F] rows at [S, K] -> [S, K, F]
   c_sel, pe_sel = gather(c, safe), gather(k_pe, safe)
+  if c_scale is not None:
+    c_sel = quant.act_dequant(c_sel, gather(c_scale, safe), dtype)
   scores = _mm("bshc,bskc->bshk", q_lat, c_sel, dtype) + _mm("bshr,bskr->bshk", q_pe, pe_sel, dtype)
   probs = _softmax((scores * scale).astype(dtype), valid[:, :, None, :], dtype)
   return _mm("bshk,bskc->bshc", probs, c_sel, dtype)

@@ -211,17 +211,12 @@ def topk(logits: Float[Array, "*b t"], k: int, lengths: Int[Array, "*b"] | None 
   return topk_tpu.topk(logits, k, lengths, config=config or topk_tpu.DEFAULT_CONFIG)
 
 
-def sparse_mla_reads_fp8_latent(impl: str) -> bool:
-  """Whether ``sparse_mla`` with this impl reads an e4m3 latent cache itself (the GPU kernel)."""
-  return _dsa_backend("sparse_mla", impl, gpu_kernel=impl == "pallas") == "gpu"
-
-
 def sparse_mla(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv: Float[Array, "b t c"],
                k_pe: Float[Array, "b t r"], idx: Int[Array, "b s k"], scale: float, *, impl: str = "auto",
                config=None, kv_scale: Float[Array, "b t cb"] | None = None) -> Float[Array, "b s h c"]:
   """MLA in the latent (MQA form) over the rows idx selects (-1: unused slot); output in q_lat's dtype.
-  ``kv_scale``: kv is an e4m3 latent cache with a float32 scale per 128 values (the GPU kernel reads
-  it as it is; elsewhere it is dequantised first).
+  ``kv_scale``: kv is an e4m3 latent cache with a float32 scale per 128 values (the GPU kernel and the
+  reference dequantise the selected rows; the TPU kernels get the whole latent dequantised first).
 
   o[t,h] = softmax_j((q_lat[t,h] . kv[idx[t,j]] + q_pe[t,h] . k_pe[idx[t,j]]) * scale) . kv[idx[t,j]]
   Reference: ``dsv32_jax.mla.sparse_attention_scaled``; GPU (impl="pallas" only, for now):
@@ -236,12 +231,12 @@ def sparse_mla(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv
     from pallas_kernels.sparse_mla_gpu import sparse_mla_gpu
     return sparse_mla_gpu(q_lat, q_pe, kv, k_pe, idx, scale, **({"config": config} if config else {}),
                           kv_scale=kv_scale)[0]
-  if kv_scale is not None:
+  if backend == "reference":  # dequantises the selected rows only
+    from dsv32_jax.mla import sparse_attention_scaled
+    return sparse_attention_scaled(scale, q_lat, q_pe, kv, k_pe, idx, kv_scale)
+  if kv_scale is not None:  # the TPU kernels read the latent in the activation dtype
     from dsv32_jax.quant import act_dequant
     kv = act_dequant(kv, kv_scale, q_lat.dtype)
-  if backend == "reference":
-    from dsv32_jax.mla import sparse_attention_scaled
-    return sparse_attention_scaled(scale, q_lat, q_pe, kv, k_pe, idx)
   from pallas_kernels import sparse_mla_blocks_tpu, sparse_mla_tpu
   if isinstance(config, sparse_mla_blocks_tpu.SparseMlaBlocksTpuConfig):
     return sparse_mla_blocks_tpu.sparse_mla_blocks(q_lat, q_pe, kv, k_pe, idx, scale, config=config)

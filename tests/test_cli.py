@@ -64,6 +64,14 @@ def test_generate_prints_tokens_and_speed(converted):
   assert any(line.startswith("decode:") and "tokens/s" in line for line in lines)
   bad = dsv32("generate", converted / "ckpt", "--prompt-tokens", "1,99999", ok=False)
   assert bad.returncode != 0 and "outside the vocabulary" in bad.stderr
+  # the e4m3 latent cache holds the same values: the same greedy tokens
+  fp8 = dsv32("generate", converted / "ckpt", "--prompt-tokens", ",".join(map(str, range(2, 40))),
+              "--prompt-tokens", "5,6,7", "--max-new-tokens", 5, "--fp8-cache")
+  assert [ln for ln in fp8.stdout.splitlines() if ln.startswith("sequence")] == \
+      [ln for ln in lines if ln.startswith("sequence")]
+  bad = dsv32("generate", converted / "ckpt", "--prompt-tokens", "5,6", "--fp8-cache", "--latent-quant", "none",
+              ok=False)
+  assert bad.returncode != 0 and "latent_quant" in bad.stderr
 
 
 @pytest.mark.slow

@@ -1,7 +1,13 @@
 """One DeepSeek-V3.2 MoE layer at the 671B shapes (MLA + indexer + MoE with 256 experts), random weights.
 
 Times prefill at several lengths and a decode step with the plain-JAX reference path (the baseline the
-Pallas kernels must beat), and its parts: the indexer selection, the attention, the MoE.
+Pallas kernels must beat), and its parts: the indexer selection, the attention, the MoE. With
+--dense-baseline, also the same layer's attention with every key attended by the fastest dense
+attention JAX offers on the device (cuDNN's fused kernel through ``jax.nn.dot_product_attention`` on a
+GPU, v padded to the qk head dim 192 as cuDNN needs equal dims; XLA elsewhere): the figure DSA must beat.
+
+  PYTHONPATH=. python3 benchmarks/layer_671b.py --prefill 4096 32768 131072 --attention-only \
+      --dense-baseline --prefill-form absorbed-gather --fp8 --decode-batch   # DSA vs dense attention
 
   PYTHONPATH=. python3 benchmarks/layer_671b.py --out results.json           # on a GPU
   PYTHONPATH=. python3 benchmarks/layer_671b.py --preset tiny --prefill 64    # a quick check on CPU
@@ -24,9 +30,9 @@ import jax.numpy as jnp
 from benchmarks.timing import median_seconds
 from dsv32_jax import attention as attention_lib
 from dsv32_jax import cache as cache_lib
-from dsv32_jax import model, moe
+from dsv32_jax import mla, model, moe
 from dsv32_jax.config import preset
-from dsv32_jax.layers import rms_norm
+from dsv32_jax.layers import linear, rms_norm
 from dsv32_jax.options import RunOptions
 from dsv32_jax.params import block_specs, is_spec, with_release_dtypes
 from dsv32_jax.rope import rope_angles
@@ -55,6 +61,22 @@ def random_layer(cfg, key, fp8: bool):
   return jax.tree.unflatten(treedef, [draw(s, k) for s, k in zip(leaves, keys)])
 
 
+def dense_attention(p: dict, cfg, opts: RunOptions, x, cos, sin):
+  """The layer's attention (projections included) with every earlier key attended: MLA's MHA form through
+  ``jax.nn.dot_product_attention`` (cuDNN on a GPU). A fresh causal prefill; the cache is not written."""
+  b, s, _ = x.shape
+  q_nope, q_pe, _ = mla.project_queries(p, cfg, x, cos, sin)
+  c, k_pe = mla.project_latent(p, cfg, x, cos, sin, opts.latent_quant)
+  k_nope, v = mla.expand_keys(p, cfg, c)
+  q = jnp.concatenate([q_nope, q_pe], axis=-1)
+  k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3], k_pe.shape[-1]))], -1)
+  v_padded = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - v.shape[-1])))  # cuDNN: equal head dims
+  on_gpu = jax.devices()[0].platform == "gpu"
+  o = jax.nn.dot_product_attention(q, k, v_padded, scale=cfg.softmax_scale, is_causal=True,
+                                   implementation="cudnn" if on_gpu else None)[..., :v.shape[-1]]
+  return linear(p["wo"], o.reshape(b, s, -1))
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--preset", default="v32-671b")
@@ -68,6 +90,9 @@ def main(argv=None):
                   help="the official MHA form with the top-k set as a score mask, or the latent (MQA) form "
                        "over the gathered top-k rows")
   ap.add_argument("--skip-parts", action="store_true", help="time only whole layers")
+  ap.add_argument("--attention-only", action="store_true", help="time only the attention part of prefill")
+  ap.add_argument("--dense-baseline", action="store_true",
+                  help="also time the attention with every key attended (cuDNN on a GPU) and the ratio")
   ap.add_argument("--out")
   args = ap.parse_args(argv)
 
@@ -112,9 +137,17 @@ def main(argv=None):
     def moe_only(p, x):
       return moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps), impl=opts.kernels)
 
-    bench(f"prefill {s}: whole layer", layer, (p, x, cache), s)
-    if not args.skip_parts:
+    if not args.attention_only:
+      bench(f"prefill {s}: whole layer", layer, (p, x, cache), s)
+    if not args.skip_parts or args.attention_only or args.dense_baseline:
       bench(f"prefill {s}: attention (indexer + top-k + MLA)", attn_only, (p, x, cache), s)
+    if args.dense_baseline:
+      bench(f"prefill {s}: dense attention (every key)",
+            lambda p, x: dense_attention(p["attn"], cfg, opts, x, cos, sin), (p, x), s)
+      sparse_ms, dense_ms = results["rows"][-2]["ms"], results["rows"][-1]["ms"]
+      results.setdefault("dense_over_sparse", {})[s] = dense_ms / sparse_ms
+      print(f"prefill {s}: dense / DSA attention time = {dense_ms / sparse_ms:.2f}", flush=True)
+    if not args.skip_parts and not args.attention_only:
       bench(f"prefill {s}: MoE (gate + {cfg.n_routed_experts} experts + shared)", moe_only, (p, x), s)
 
   t = args.decode_context

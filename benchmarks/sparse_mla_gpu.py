@@ -46,6 +46,15 @@ def parse_config(text: str) -> SparseMlaGpuConfig:
   return SparseMlaGpuConfig(block_h=bh, block_k=bk, num_warps=warps, num_stages=stages)
 
 
+def time_or_none(name: str, fn, *operands):
+  """Median seconds, or None (reported) where this config does not run on the device (e.g. shared memory)."""
+  try:
+    return median_seconds(fn, *operands)
+  except jax.errors.JaxRuntimeError as e:
+    print(f"{name}: FAILED: {str(e).splitlines()[0][:160]}", flush=True)
+    return None
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out")
@@ -70,8 +79,13 @@ def main():
 
   check = inputs(jax.random.fold_in(key, 1), 2, 4 if args.interpret else 64, 5000, 4000)
   want = sparse_attention_scaled(SCALE, *(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in check))
-  for c, fn in kernels.items():
-    got = fn(*check).astype(jnp.float32)
+  for c, fn in list(kernels.items()):
+    try:
+      got = fn(*check).astype(jnp.float32)
+    except jax.errors.JaxRuntimeError as e:  # e.g. more shared memory than the device has
+      print(f"kernel {c}: FAILED: {str(e).splitlines()[0][:160]}", flush=True)
+      del kernels[c]
+      continue
     err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
     report(f"check: kernel {c.block_h}/{c.block_k}/{c.num_warps}/{c.num_stages} vs float32 reference", 0.0,
            rel_err=err)
@@ -79,7 +93,8 @@ def main():
 
   def run(tag, operands, work, read_bytes):
     for c, fn in kernels.items():
-      t = median_seconds(fn, *operands)
+      if (t := time_or_none(f"kernel {c}: {tag}", fn, *operands)) is None:
+        continue
       report(f"kernel {c.block_h}/{c.block_k}/{c.num_warps}/{c.num_stages}: {tag}", t, TFLOPs=work / t / 1e12,
              HBM_share=read_bytes / t / hbm)
     if not args.skip_reference:
@@ -102,10 +117,11 @@ def main():
     if not args.skip_fp8_cache:  # FlashMLA's 656-byte layout: e4m3 latent + 4 scales + bf16 rope
       q, qp, kv, kpe, idx = operands
       kv8, kv_scale = quant.act_quant(kv)
-      for c in configs:
+      for c in kernels:
         fn = jax.jit(lambda q, qp, kv8, kpe, idx, sc, c=c: sparse_mla_gpu(q, qp, kv8, kpe, idx, SCALE, c,
                                                                           interpret=args.interpret, kv_scale=sc)[0])
-        t = median_seconds(fn, q, qp, kv8, kpe, idx, kv_scale)
+        if (t := time_or_none(f"kernel {c}: FP8 cache, batch {b}", fn, q, qp, kv8, kpe, idx, kv_scale)) is None:
+          continue
         report(f"kernel {c.block_h}/{c.block_k}/{c.num_warps}/{c.num_stages}: decode, batch {b}, FP8 cache", t,
                TFLOPs=flops(b, 1, H, C, R, K) / t / 1e12,
                HBM_share=(b * K * 656 + 2 * b * H * (C + R + C)) / t / hbm)

@@ -219,14 +219,16 @@ def sparse_mla(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv
   reference dequantise the selected rows; the TPU kernels get the whole latent dequantised first).
 
   o[t,h] = softmax_j((q_lat[t,h] . kv[idx[t,j]] + q_pe[t,h] . k_pe[idx[t,j]]) * scale) . kv[idx[t,j]]
-  Reference: ``dsv32_jax.mla.sparse_attention_scaled``; GPU (impl="pallas" only, for now):
-  ``pallas_kernels.sparse_mla_gpu`` (``config``: its ``SparseMlaGpuConfig``); TPU: ``pallas_kernels.sparse_mla_tpu``
+  Reference: ``dsv32_jax.mla.sparse_attention_scaled``; GPU: ``pallas_kernels.sparse_mla_gpu`` (``config``: its ``SparseMlaGpuConfig``); TPU: ``pallas_kernels.sparse_mla_tpu``
   (token-granular DMAs), or ``pallas_kernels.sparse_mla_blocks_tpu`` when ``config`` is a
   ``SparseMlaBlocksTpuConfig`` (64-token blocks; indices must be distinct).
   """
-  # The GPU kernel runs when asked for (impl="pallas"); "auto" keeps the reference on GPU until the
-  # kernel has been measured faster there (BENCHMARKS.md, sparse MLA).
-  backend = _dsa_backend("sparse_mla", impl, gpu_kernel=impl == "pallas")
+  # On an H100 the kernel measured 1.5-1.7x XLA's gather + einsum in prefill and 1.0-1.6x in decode at
+  # batch 1-128 (BENCHMARKS.md, sparse MLA), so "auto" takes it wherever its Triton blocks fit the dims,
+  # in bf16 (float32 runs are exact comparisons: "auto" keeps the reference for them, "pallas" forces it).
+  from pallas_kernels.sparse_mla_gpu import supports
+  fits = supports(kv.shape[-1], k_pe.shape[-1])
+  backend = _dsa_backend("sparse_mla", impl, gpu_kernel=fits and (impl == "pallas" or q_lat.dtype != jnp.float32))
   if backend == "gpu":
     from pallas_kernels.sparse_mla_gpu import sparse_mla_gpu
     return sparse_mla_gpu(q_lat, q_pe, kv, k_pe, idx, scale, **({"config": config} if config else {}),

@@ -16,11 +16,12 @@ with the step's scales (x's per-row scale times the weight block's scalar): the 
 accumulation DeepGEMM uses, since FP8 wgmma has no per-block scales of its own. The running sum and
 the step's product are 64 + 64 registers a thread.
 
-Two schedules (``GroupedGemmConfig.consumers``): 1 (the default, measured on the H100: BENCHMARKS.md)
--- one warpgroup per CTA issues the TMA pipeline and waits for each step's wgmma before promoting it;
-2 -- warp specialisation as in DeepGEMM: a TMA warpgroup feeds two compute warpgroups that share the x
-tile and own 128 columns each, so one's promotion overlaps the other's wgmma (CPU-tested in interpret
-mode and by lowering; not yet timed on a GPU).
+Two schedules (``GroupedGemmConfig.consumers``): 1 -- one warpgroup per CTA issues the TMA pipeline
+and waits for each step's wgmma before promoting it; 2 (the default where N is a multiple of 256) --
+warp specialisation as in DeepGEMM: a TMA warpgroup feeds two compute warpgroups that share the x tile
+and own 128 columns each, so one's promotion overlaps the other's wgmma. Measured on an H200 at the
+671B expert shapes, 2 with a 4-step pipeline beat 1 at every size (1.25x at 1K rows, 1.27x at 128K:
+BENCHMARKS.md).
 
 Several weights of the same shape (an expert's gate and up projections) go in one launch: the
 grid's first axis picks the weight, the x tile is read once per weight.
@@ -54,8 +55,9 @@ class GroupedGemmConfig:
   block_m: int = 64             # rows per CTA (the wgmma M; the routing glue pads each expert to it)
   block_n: int = 128            # output columns per CTA: one weight-scale block
   max_concurrent_steps: int = 4  # depth of the K pipeline (each step: block_m x 128 + block_n x 128 bytes)
-  consumers: int = 1            # compute warpgroups per CTA: 1, or 2 beside a TMA warpgroup (warp
-                                # specialisation; each owns 128 of the CTA's 256 columns and shares x)
+  consumers: int = 2            # compute warpgroups per CTA: 1, or 2 beside a TMA warpgroup (warp
+                                # specialisation; each owns 128 of the CTA's 256 columns and shares x).
+                                # 2 with 4 steps was fastest at every size measured (H200, BENCHMARKS.md)
 
   def __post_init__(self):
     if self.block_m % 64:
@@ -68,6 +70,12 @@ class GroupedGemmConfig:
 
 
 DEFAULT_CONFIG = GroupedGemmConfig()
+
+
+def default_config(n: int) -> GroupedGemmConfig:
+  """The default tiling for N output columns: warp-specialised where N splits into 256-column CTAs."""
+  return DEFAULT_CONFIG if n % (DEFAULT_CONFIG.consumers * DEFAULT_CONFIG.block_n) == 0 else \
+      dataclasses.replace(DEFAULT_CONFIG, consumers=1)
 
 
 def _check_operands(xq, xs, weights, w_scales, block_expert, block_m):
@@ -94,14 +102,16 @@ def _check_operands(xq, xs, weights, w_scales, block_expert, block_m):
 
 def grouped_gemm_fp8(xq: Float[Array, "m k"], xs: Float[Array, "m kb"], weights: tuple[Float[Array, "e n k"], ...],
                      w_scales: tuple[Float[Array, "e nb kb"], ...], block_expert: Int[Array, "blocks"],
-                     config: GroupedGemmConfig = DEFAULT_CONFIG, out_dtype=jnp.bfloat16,
+                     config: GroupedGemmConfig | None = None, out_dtype=jnp.bfloat16,
                      interpret: bool = False) -> Float[Array, "w m n"]:
   """[len(weights), M, N]: each weight's grouped product over the block-aligned rows.
 
   xq: e4m3 rows sorted by expert, each expert padded to a multiple of block_m; xs: their scales
   per 1x128 block; weights: e4m3 [E, N, K] (the release's [out, in]); w_scales: [E, N/128, K/128];
   block_expert: the expert of each block of block_m rows, < 0 for unused blocks (output undefined).
+  config: the tiling; None: ``default_config(N)``.
   """
+  config = config or default_config(weights[0].shape[1])
   bm, bn, bk = config.block_m, config.block_n, SCALE_BLOCK
   _check_operands(xq, xs, weights, w_scales, block_expert, bm)
   m, k = xq.shape

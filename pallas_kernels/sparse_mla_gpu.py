@@ -25,6 +25,7 @@ values, FlashMLA's 656 bytes a token with the bf16 rope), dequantised tile by ti
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +43,10 @@ NUM_SMS = 132  # H100 / H200 SXM
 class SparseMlaGpuConfig:
   """Tiling of the sparse MLA kernel."""
 
-  block_h: int = 64             # heads per program (the MMA M dimension)
+  block_h: int = 32             # heads per program (the MMA M dimension)
   block_k: int = 64             # selected rows per tile
   k_splits: int | None = None   # programs per (query, head block) along the top-k; None: fill the GPU
-  num_warps: int = 8
+  num_warps: int = 4
   num_stages: int = 2
 
   def __post_init__(self):
@@ -53,6 +54,18 @@ class SparseMlaGpuConfig:
       v = getattr(self, name)
       if v < 16 or v & (v - 1):
         raise ValueError(f"SparseMlaGpuConfig.{name} = {v} must be a power of two >= 16")
+
+
+# Measured on an H100 (BENCHMARKS.md, sparse MLA): from a bf16 cache 32/64/4/2 equals 64/64/8/2 in prefill
+# (within 10%) and is 1.2-1.4x faster in decode at batch 32-128; from an FP8 cache 64/64/8/2 is 2.1x
+# faster at batch 32 (twice the heads share each dequantised tile).
+DEFAULT_CONFIG = SparseMlaGpuConfig()
+FP8_CACHE_CONFIG = SparseMlaGpuConfig(block_h=64, block_k=64, num_warps=8, num_stages=2)
+
+
+def supports(c: int, r: int) -> bool:
+  """Whether the kernel takes a latent of c and a rope part of r values (Triton blocks: powers of two)."""
+  return all(v >= 16 and not v & (v - 1) for v in (c, r))
 
 
 def _k_splits(config: SparseMlaGpuConfig, programs: int, tiles: int) -> int:
@@ -63,7 +76,7 @@ def _k_splits(config: SparseMlaGpuConfig, programs: int, tiles: int) -> int:
 
 def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv: Float[Array, "b t c"],
                    k_pe: Float[Array, "b t r"], idx: Int[Array, "b s k"], scale: float,
-                   config: SparseMlaGpuConfig = SparseMlaGpuConfig(), interpret: bool = False,
+                   config: SparseMlaGpuConfig | None = None, interpret: bool = False,
                    kv_scale: Float[Array, "b t cb"] | None = None,
                    ) -> tuple[Float[Array, "b s h c"], Float[Array, "b s h"]]:
   """(output in q_lat's dtype, log-sum-exp float32). A query with no valid slot gets zeros and -inf.
@@ -71,14 +84,15 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
   An FP8 latent cache (FlashMLA's 656 bytes a token: 512 e4m3 + 4 float32 scales + 64 bf16 rope) is
   ``kv`` in e4m3 with ``kv_scale`` [B, T, 512/128]: each gathered tile is dequantised in the kernel.
   The release rounds the latent through e4m3 with per-128 scales before caching, so this cache holds
-  exactly the values of the bf16 one.
+  exactly the values of the bf16 one. config: None takes DEFAULT_CONFIG, or FP8_CACHE_CONFIG for an
+  e4m3 cache. Float32 operands are multiplied in full float32 (not TF32), for exact comparisons.
   """
   b, s, h, c = q_lat.shape
   r, t, k = q_pe.shape[-1], kv.shape[1], idx.shape[-1]
   if kv.shape != (b, t, c) or k_pe.shape != (b, t, r) or q_pe.shape != (b, s, h, r) or idx.shape[:2] != (b, s):
     raise ValueError(f"sparse_mla_gpu: shapes q_lat {q_lat.shape}, q_pe {q_pe.shape}, kv {kv.shape}, "
                      f"k_pe {k_pe.shape}, idx {idx.shape} do not agree")
-  if c & (c - 1) or r & (r - 1) or c < 16 or r < 16:
+  if not supports(c, r):
     raise ValueError(f"sparse_mla_gpu: latent {c} and rope {r} dims must be powers of two >= 16")
   fp8 = kv.dtype == jnp.float8_e4m3fn
   if fp8 != (kv_scale is not None):
@@ -87,6 +101,9 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
   if fp8 and (kv_scale.shape[:2] != (b, t) or c % kv_scale.shape[2]):
     raise ValueError(f"sparse_mla_gpu: kv_scale {kv_scale.shape} must be [B, T, groups] with {c} divisible by groups")
   group = c // kv_scale.shape[2] if fp8 else c
+  config = config or (FP8_CACHE_CONFIG if fp8 else DEFAULT_CONFIG)
+  precision = lax.Precision.HIGHEST if q_lat.dtype == jnp.float32 else None  # Triton's default is TF32
+  dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
   bh, bk = min(config.block_h, max(16, 1 << (h - 1).bit_length())), config.block_k
   h_pad, k_pad = -(-h // bh) * bh, -(-k // bk) * bk
   if h_pad != h:
@@ -99,41 +116,53 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
   splits = _k_splits(config, b * s * n_hb, tiles)
   tiles_per_split = -(-tiles // splits)
 
+  n_groups = c // group  # latent column groups: one scale each in an FP8 cache, the whole latent otherwise
+
   def kernel(idx_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, *refs):
     kv_scale_ref, o_ref, lse_ref = refs if fp8 else (None, *refs)
     bi, si = pl.program_id(0) // s, pl.program_id(0) % s
     hi, split = pl.program_id(1), pl.program_id(2)
     heads = pl.ds(hi * bh, bh)
-    q = q_lat_ref[bi, si, heads, :]      # [bh, c]
+    # The latent in column groups (4 x 128 for an FP8 cache, so that each gathered group is scaled by one
+    # value a row; 1 x 512 for bf16): scores sum over the groups, the output is kept per group.
+    q = [q_lat_ref[bi, si, heads, pl.ds(g * group, group)] for g in range(n_groups)]  # [bh, group] each
     qp = q_pe_ref[bi, si, heads, :]      # [bh, r]
-    lat_cols, rope_cols = jnp.arange(c, dtype=jnp.int32), jnp.arange(r, dtype=jnp.int32)
+    group_cols, rope_cols = jnp.arange(group, dtype=jnp.int32), jnp.arange(r, dtype=jnp.int32)
     first = split * tiles_per_split
     last = jnp.minimum(first + tiles_per_split, tiles)
+
+    def gather_latent(rows, g):  # [bk, group] of the selected rows, in the queries' dtype
+      part = kv_ref[bi, rows[:, None], (g * group + group_cols)[None, :]]  # one gathered row per slot
+      if not fp8:
+        return part
+      scale_of_row = kv_scale_ref[bi, rows[:, None], jnp.full((1, 1), g, jnp.int32)]  # [bk, 1]
+      return (part.astype(jnp.float32) * scale_of_row).astype(q[g].dtype)
 
     def tile(j, carry):
       acc, m, l = carry
       ids = idx_ref[bi, si, pl.ds(j * bk, bk)]
       valid = ids >= 0
       rows = jnp.where(valid, ids, 0)
-      kv_rows = kv_ref[bi, rows[:, None], lat_cols[None, :]]   # [bk, c]: one gathered row per slot
-      if fp8:  # e4m3 x its block's scale, in the queries' dtype
-        kv_scales = kv_scale_ref[bi, rows[:, None], (lat_cols // group)[None, :]]
-        kv_rows = (kv_rows.astype(jnp.float32) * kv_scales).astype(q.dtype)
+      kv_rows = [gather_latent(rows, g) for g in range(n_groups)]
       pe_rows = k_pe_ref[bi, rows[:, None], rope_cols[None, :]]  # [bk, r]
-      score = (jnp.dot(q, kv_rows.T, preferred_element_type=jnp.float32)
-               + jnp.dot(qp, pe_rows.T, preferred_element_type=jnp.float32)) * scale
-      score = jnp.where(valid[None, :], score, -jnp.inf)
+      score = dot(qp, pe_rows.T)
+      for q_g, kv_g in zip(q, kv_rows):
+        score += dot(q_g, kv_g.T)
+      score = jnp.where(valid[None, :], score * scale, -jnp.inf)
       m_new = jnp.maximum(m, score.max(axis=1))
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no valid slot yet: nothing to rescale
       alpha = jnp.exp(m - m_safe)
       p = jnp.exp(score - m_safe[:, None])
-      acc = acc * alpha[:, None] + jnp.dot(p.astype(kv_rows.dtype), kv_rows, preferred_element_type=jnp.float32)
+      acc = tuple(a * alpha[:, None] + dot(p.astype(kv_g.dtype), kv_g) for a, kv_g in zip(acc, kv_rows))
       return acc, m_new, l * alpha + p.sum(axis=1)
 
-    init = (jnp.zeros((bh, c), jnp.float32), jnp.full((bh,), -jnp.inf, jnp.float32), jnp.zeros((bh,), jnp.float32))
+    init = (tuple(jnp.zeros((bh, group), jnp.float32) for _ in range(n_groups)),
+            jnp.full((bh,), -jnp.inf, jnp.float32), jnp.zeros((bh,), jnp.float32))
     acc, m, l = lax.fori_loop(first, last, tile, init)
     seen = l > 0
-    o_ref[bi, si, split, heads, :] = (acc / jnp.where(seen, l, 1.0)[:, None]).astype(o_ref.dtype)
+    norm = jnp.where(seen, l, 1.0)[:, None]
+    for g, a in enumerate(acc):
+      o_ref[bi, si, split, heads, pl.ds(g * group, group)] = (a / norm).astype(o_ref.dtype)
     lse_ref[bi, si, split, heads] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
 
   out_dtype = q_lat.dtype if splits == 1 else jnp.float32

@@ -9,7 +9,8 @@ from dsv32_jax import moe, quant
 from dsv32_jax.config import preset
 from dsv32_jax.params import init_params
 from pallas_kernels import dispatch
-from pallas_kernels.grouped_gemm_fp8_mgpu import (GroupedGemmConfig, grouped_gemm_fp8, grouped_gemm_fp8_reference)
+from pallas_kernels.grouped_gemm_fp8_mgpu import (GroupedGemmConfig, default_config, grouped_gemm_fp8,
+                                                 grouped_gemm_fp8_reference)
 from tests.conftest import rel_err
 
 BM = GroupedGemmConfig().block_m
@@ -28,8 +29,8 @@ def block_layout(sizes, unused_blocks=2):
 
 
 @pytest.mark.parametrize("sizes, n, k, n_weights, config", [
-    ([70, 0, 1, 130], 256, 256, 2, GroupedGemmConfig()),  # an empty group, one row, non-multiples of block_m
-    ([0, 64, 0], 128, 384, 1, GroupedGemmConfig()),       # a group of exactly one block between empty ones
+    ([70, 0, 1, 130], 256, 256, 2, GroupedGemmConfig(consumers=1)),  # an empty group, one row, non-multiples of block_m
+    ([0, 64, 0], 128, 384, 1, None),                      # one block between empty ones; N = 128: 1 consumer
     ([70, 0, 1, 130], 512, 256, 2, GroupedGemmConfig(consumers=2, max_concurrent_steps=2)),  # warp-specialised
 ])
 def test_kernel_equals_the_reference_in_interpret_mode(rng, sizes, n, k, n_weights, config):
@@ -49,7 +50,7 @@ def test_kernel_lowers_for_hopper_at_the_671b_shapes():
   cfg = preset("v32-671b")
   e, d, i, m = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, 64 * 300
   f8, s = jnp.float8_e4m3fn, jax.ShapeDtypeStruct
-  for config in (GroupedGemmConfig(), GroupedGemmConfig(consumers=2)):
+  for config in (GroupedGemmConfig(consumers=1), GroupedGemmConfig(consumers=2)):
     for n, k, count in ((i, d, 2), (d, i, 1)):  # gate + up in one launch; down
       args = (s((m, k), f8), s((m, k // 128), jnp.float32), (s((e, n, k), f8),) * count,
               (s((e, n // 128, k // 128), jnp.float32),) * count, s((m // 64,), jnp.int32))
@@ -71,6 +72,11 @@ def test_kernel_rejects_bad_operands(rng):
     GroupedGemmConfig(block_m=48)
   with pytest.raises(ValueError, match="multiple of 256"):
     grouped_gemm_fp8(xq, xs, (w,), (s,), be, GroupedGemmConfig(consumers=2))
+
+
+def test_default_config_is_warp_specialised_where_n_allows():
+  assert default_config(2048).consumers == 2 and default_config(7168).consumers == 2  # the 671B gate/up, down
+  assert default_config(384).consumers == 1
 
 
 def test_align_to_blocks(rng):
@@ -131,7 +137,7 @@ def test_kernel_on_gpu(rng):
   args = (xq, xs, tuple(w for w, _ in weights), tuple(s for _, s in weights), jnp.asarray(be))
   used = int(np.sum(be >= 0)) * BM
   ref = grouped_gemm_fp8_reference(*args, out_dtype=jnp.float32)[:, :used]
-  for config in (GroupedGemmConfig(), GroupedGemmConfig(consumers=2)):
+  for config in (GroupedGemmConfig(consumers=1), GroupedGemmConfig(consumers=2)):
     got = jax.jit(lambda *a: grouped_gemm_fp8(*a, config=config))(*args)[:, :used].astype(jnp.float32)
     assert rel_err(got, ref) < 1e-2  # bf16 output
 

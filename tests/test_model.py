@@ -142,6 +142,20 @@ def test_dsa_equals_dense_causal_attention_within_index_topk(tiny_cfg, tiny_para
   assert (np.where(valid, np.asarray(idx), 0) <= np.arange(s)[None, :, None]).all()  # causal
 
 
+def test_layer_benchmarks_dense_baseline_is_the_models_dense_attention(tiny_cfg, tiny_params_bf16, rng):
+  """benchmarks/layer_671b.py's dense baseline (jax.nn.dot_product_attention) computes the model's attention
+  with every key attended, so the DSA-vs-dense ratio compares the same layer."""
+  from benchmarks.layer_671b import dense_attention
+  s = 24
+  cfg = tiny_cfg.replace(index_topk=s)  # every key attended
+  p = jax.tree.map(lambda a: a[0], tiny_params_bf16["moe_layers"])["attn"]
+  x = jnp.asarray(rng.standard_normal((2, s, cfg.dim)), jnp.float32)
+  cos, sin = rope_angles(cfg, jnp.broadcast_to(jnp.arange(s), (2, s)))
+  cache = cache_lib.init_cache(cfg, 1, 2, s, jnp.float32, False)
+  want, _, _ = attention(p, cfg, EXACT_F32, x, cache, jnp.int32(0), jnp.zeros(2, jnp.int32), s, cos, sin)
+  assert rel_err(dense_attention(p, cfg, EXACT_F32, x, cos, sin), want) < 1e-5
+
+
 def test_batched_prompts_of_different_lengths(tiny_cfg, tiny_params_fp8, rng):
   """Right-padded batch = each prompt alone (greedy, float32)."""
   prompts = [rng.integers(2, tiny_cfg.vocab_size, n).tolist() for n in (37, 9, 22)]

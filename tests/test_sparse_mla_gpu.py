@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsv32_jax import quant
 from dsv32_jax.mla import sparse_attention_scaled
 from pallas_kernels import dispatch
 from pallas_kernels.sparse_mla_gpu import SparseMlaGpuConfig, flops, sparse_mla_gpu
@@ -57,7 +58,6 @@ def test_query_without_valid_slots_gets_zeros(rng):
 
 def test_fp8_latent_cache_equals_the_dequantised_reference(rng):
   """The 656-byte layout: e4m3 latent + a float32 scale per 128 + the rope part in the queries' dtype."""
-  from dsv32_jax import quant
   q, qp, kv, kpe, idx = inputs(rng, 1, 3, 16, 256, 16, 120, 48)
   kv8, kv_scale = quant.act_quant(kv * 5)
   o, _ = sparse_mla_gpu(q, qp, kv8, kpe, idx, 0.1, SparseMlaGpuConfig(block_h=16, block_k=16), interpret=True,
@@ -93,3 +93,20 @@ def test_kernel_on_gpu(rng):
   assert rel_err(o.astype(jnp.float32), ref) < 2e-2
   got = dispatch.sparse_mla(*args, 0.05, impl="pallas")
   assert rel_err(got.astype(jnp.float32), ref) < 2e-2
+  # The FP8 latent cache (656 bytes a token) through the kernel, against the reference on its dequantised rows.
+  kv8, kv_scale = quant.act_quant(args[2].astype(jnp.float32) * 5)
+  fp8_args = (args[0], args[1], kv8, args[3], args[4])
+  o8, _ = jax.jit(lambda *a: sparse_mla_gpu(*a[:5], 0.05, kv_scale=a[5]))(*fp8_args, kv_scale)
+  ref8 = sparse_attention_scaled(0.05, args[0].astype(jnp.float32), args[1].astype(jnp.float32),
+                                 quant.act_dequant(kv8, kv_scale), args[3].astype(jnp.float32), args[4])
+  assert rel_err(o8.astype(jnp.float32), ref8) < 2e-2
+
+
+def test_auto_takes_the_kernel_on_gpu_where_its_blocks_fit(rng, monkeypatch):
+  from pallas_kernels import sparse_mla_gpu as module
+  calls = []
+  monkeypatch.setattr(dispatch, "on_gpu", lambda: True)
+  monkeypatch.setattr(module, "sparse_mla_gpu", lambda *a, **kw: calls.append(a[2].shape[-1]) or (a[0], None))
+  for s, c, dtype in ((4, 32, jnp.bfloat16), (1, 32, jnp.bfloat16), (1, 48, jnp.bfloat16), (1, 32, jnp.float32)):
+    dispatch.sparse_mla(*inputs(rng, 1, s, 16, c, 16, 40, 8, dtype), 0.1, impl="auto")  # prefill, decode, ...
+  assert calls == [32, 32]  # a latent of 48 (not a power of two) and float32 operands ran the reference

@@ -219,9 +219,10 @@ def sparse_mla(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv
   reference dequantise the selected rows; the TPU kernels get the whole latent dequantised first).
 
   o[t,h] = softmax_j((q_lat[t,h] . kv[idx[t,j]] + q_pe[t,h] . k_pe[idx[t,j]]) * scale) . kv[idx[t,j]]
-  Reference: ``dsv32_jax.mla.sparse_attention_scaled``; GPU: ``pallas_kernels.sparse_mla_gpu`` (``config``: its ``SparseMlaGpuConfig``); TPU: ``pallas_kernels.sparse_mla_tpu``
-  (token-granular DMAs), or ``pallas_kernels.sparse_mla_blocks_tpu`` when ``config`` is a
-  ``SparseMlaBlocksTpuConfig`` (64-token blocks; indices must be distinct).
+  Reference: ``dsv32_jax.mla.sparse_attention_scaled``; GPU: ``pallas_kernels.sparse_mla_gpu`` (``config``:
+  its ``SparseMlaGpuConfig``); TPU: ``pallas_kernels.sparse_mla_tpu`` (token-granular DMAs), or
+  ``pallas_kernels.sparse_mla_blocks_tpu`` when ``config`` is a ``SparseMlaBlocksTpuConfig`` (64-token
+  blocks; indices must be distinct).
   """
   # On an H100 the kernel measured 1.5-1.7x XLA's gather + einsum in prefill and 1.0-1.6x in decode at
   # batch 1-128 (BENCHMARKS.md, sparse MLA), so "auto" takes it wherever its Triton blocks fit the dims,

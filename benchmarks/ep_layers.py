@@ -12,10 +12,13 @@ never puts all experts on one device). Two runs of the same teacher-forced workl
 Each run does two workloads with the same weights:
   - an equality check without the FP8 simulations: --check-batch prompts (default one per device) of
     --check-len tokens, then 2 decode steps; the EP logits must equal the reference's within --tolerance
-    (relative norm error), else the exit code is 1. On CPU in float32 with prompts longer than the
-    top-k (the indexer selects); on GPU in bf16 (there is no fast float32 grouped matmul) with prompts
-    within the top-k, where DSA is exactly dense attention: with the FP8 roundings and the top-k
-    selection (steps) out of the way, EP and 1 differ only by rounding order.
+    (relative norm error), else the exit code is 1. In float32 with prompts longer than the top-k
+    (the indexer selects) on CPU, and on GPU with --fp8 (the grouped FP8 kernel takes any activation
+    dtype; a bf16 check would drown in FP8 amplification: every FP8 linear re-quantises its input, so
+    bf16 rounding-order differences move values across 6% e4m3 steps -- measured 2-7% on 2 x H200);
+    in bf16 on GPU with bf16 weights (no fast float32 grouped matmul there) with prompts within the
+    top-k, where DSA is exactly dense attention: with the FP8 roundings and the top-k selection
+    (steps) out of the way, EP and 1 differ only by rounding order.
     The timed run's own logits errors (FP8 simulations on, selection on) are reported, not judged.
   - the timed workload in --dtype: a prefill of --batch prompts of --prompt-len tokens (median of
     --iters after a first, compiling call), then --decode-steps decode steps (median per step).
@@ -192,7 +195,7 @@ def main(argv=None) -> int:
   ap.add_argument("--round-rows", type=int, default=65536)
   ap.add_argument("--check-batch", type=int, help="sequences of the float32 equality check (default: devices)")
   ap.add_argument("--check-dtype", choices=["float32", "bfloat16"],
-                  help="activations of the equality check (default: float32 on CPU, bfloat16 on GPU)")
+                  help="activations of the equality check (default: float32 on CPU or with --fp8, else bfloat16)")
   ap.add_argument("--check-len", type=int,
                   help="prompt of the check (default: index_topk + 512 in float32, index_topk - 64 in bf16)")
   ap.add_argument("--tolerance", type=float, help="max relative logits error EP vs 1 (default 1e-4 float32, "
@@ -209,8 +212,9 @@ def main(argv=None) -> int:
   # FP8 roundings (indexer, latent) and the top-k selection are steps: a 1e-7 difference may move a value
   # one e4m3 step (6%) or swap a selected key. The check runs without the FP8 simulations; in float32 (CPU)
   # its prompt is longer than the top-k (the indexer selects), in bf16 (GPU: float32 grouped matmuls have
-  # no fast kernel there) it stays within the top-k, where DSA is exactly dense attention.
-  check_dtype = args.check_dtype or ("float32" if devices[0].platform == "cpu" else "bfloat16")
+  # no fast kernel there) it stays within the top-k, where DSA is exactly dense attention. FP8 weights on
+  # GPU go through the grouped FP8 kernel, which takes float32 activations as well.
+  check_dtype = args.check_dtype or ("float32" if devices[0].platform == "cpu" or args.fp8 else "bfloat16")
   check_opts = RunOptions(dtype=check_dtype, indexer_quant=False, latent_quant=False, kernels=args.kernels)
   tolerance = args.tolerance or (1e-4 if check_dtype == "float32" else 2e-2)
   check_len = args.check_len or (cfg.index_topk + 512 if check_dtype == "float32"

@@ -8,7 +8,9 @@ Prints one table (and writes JSON): a correctness check on this GPU, then prefil
 --chunk queries at the end of an L-token context (L = 4K, 32K, 128K), each with its own random
 2048 of the visible keys -- in useful TFLOP/s (2 * heads * k * (2 * 512 + 64) a query), and decode
 steps (one query per sequence, batch 1 / 32 / 128, 128K cache; from the bf16 cache and from the
-656-byte FP8 one) with the gathered rows' bytes as a share of the measured HBM copy bandwidth. ``--configs``: block_h,block_k,num_warps,num_stages each.
+656-byte FP8 one) with the gathered rows' bytes as a share of the measured HBM copy bandwidth.
+``--configs``: block_h,block_k,num_warps,num_stages each; a config the GPU cannot run (e.g. more
+shared memory than it has) is reported as FAILED and skipped.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 from benchmarks.timing import Table, measured_hbm_bandwidth, median_seconds
 from dsv32_jax import quant
 from dsv32_jax.mla import sparse_attention_scaled
-from pallas_kernels.sparse_mla_gpu import SparseMlaGpuConfig, flops, sparse_mla_gpu
+from pallas_kernels.sparse_mla_gpu import DEFAULT_CONFIG, FP8_CACHE_CONFIG, SparseMlaGpuConfig, flops, sparse_mla_gpu
 
 H, C, R, K = 128, 512, 64, 2048
 SCALE = 0.0625
@@ -62,12 +64,13 @@ def main():
   ap.add_argument("--chunk", type=int, default=2048)
   ap.add_argument("--decode-batch", type=int, nargs="*", default=[1, 32, 128])
   ap.add_argument("--decode-context", type=int, default=131072)
-  ap.add_argument("--configs", nargs="*", default=None, help="kernel configs to time (default: the default)")
+  ap.add_argument("--configs", nargs="*", default=None,
+                  help="kernel configs bh,bk,warps,stages to time (default: the bf16- and FP8-cache defaults)")
   ap.add_argument("--skip-reference", action="store_true")
   ap.add_argument("--skip-fp8-cache", action="store_true", help="decode from the bf16 cache only")
   ap.add_argument("--interpret", action="store_true", help="the kernel in interpret mode (a CPU smoke run)")
   args = ap.parse_args()
-  configs = [parse_config(c) for c in args.configs] if args.configs else [SparseMlaGpuConfig()]
+  configs = [parse_config(c) for c in args.configs] if args.configs else [DEFAULT_CONFIG, FP8_CACHE_CONFIG]
   dev = jax.devices()[0].device_kind
   print(f"device: {dev}, jax {jax.__version__}", flush=True)
   hbm = measured_hbm_bandwidth(2**24 if args.interpret else 2**30)
@@ -116,7 +119,8 @@ def main():
         b * K * 2 * (C + R) + 2 * b * H * (C + R + C))
     if not args.skip_fp8_cache:  # FlashMLA's 656-byte layout: e4m3 latent + 4 scales + bf16 rope
       q, qp, kv, kpe, idx = operands
-      kv8, kv_scale = quant.act_quant(kv)
+      kv8, kv_scale = jax.jit(lambda kv: jax.lax.map(quant.act_quant, kv))(kv)  # a sequence at a time: the
+      # whole batch-128 cache quantised at once needs 32 GiB of float32 temporaries
       for c in kernels:
         fn = jax.jit(lambda q, qp, kv8, kpe, idx, sc, c=c: sparse_mla_gpu(q, qp, kv8, kpe, idx, SCALE, c,
                                                                           interpret=args.interpret, kv_scale=sc)[0])
@@ -125,6 +129,11 @@ def main():
         report(f"kernel {c.block_h}/{c.block_k}/{c.num_warps}/{c.num_stages}: decode, batch {b}, FP8 cache", t,
                TFLOPs=flops(b, 1, H, C, R, K) / t / 1e12,
                HBM_share=(b * K * 656 + 2 * b * H * (C + R + C)) / t / hbm)
+      if not args.skip_reference:  # gathers the e4m3 rows, dequantises only them
+        ref8 = jax.jit(lambda q, qp, kv8, kpe, idx, sc: sparse_attention_scaled(SCALE, q, qp, kv8, kpe, idx, sc))
+        if (t := time_or_none(f"reference: FP8 cache, batch {b}", ref8, q, qp, kv8, kpe, idx, kv_scale)) is not None:
+          report(f"reference (XLA gather + einsum): decode, batch {b}, FP8 cache", t,
+                 TFLOPs=flops(b, 1, H, C, R, K) / t / 1e12, HBM_share=(b * K * 656 + 2 * b * H * (C + R + C)) / t / hbm)
       del kv8, kv_scale
     del operands
 

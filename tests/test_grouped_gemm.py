@@ -29,7 +29,7 @@ def block_layout(sizes, unused_blocks=2):
 
 
 @pytest.mark.parametrize("sizes, n, k, n_weights, config", [
-    ([70, 0, 1, 130], 256, 256, 2, GroupedGemmConfig(consumers=1)),  # an empty group, one row, non-multiples of block_m
+    ([70, 0, 1, 130], 256, 256, 2, GroupedGemmConfig(consumers=1)),  # an empty group, one row, ragged sizes
     ([0, 64, 0], 128, 384, 1, None),                      # one block between empty ones; N = 128: 1 consumer
     ([70, 0, 1, 130], 512, 256, 2, GroupedGemmConfig(consumers=2, max_concurrent_steps=2)),  # warp-specialised
 ])

@@ -7,11 +7,11 @@
 
 DeepSeek Sparse Attention (``index_logits``, ``topk``, ``sparse_mla``): ``"auto"`` runs the Pallas
 Mosaic TPU kernels on a TPU, the GPU kernels on a GPU where one exists for the operation and the
-operands (the Mosaic GPU indexer logits for e4m3 operands, the top-k kernel), and the reference
-elsewhere; ``"pallas"`` insists on the kernel: on a GPU it also runs the sparse MLA kernel (not yet
-measured on a GPU, so not ``auto``'s choice), and on the CPU it runs the *TPU kernels in Pallas TPU
-interpret mode* (the CPU stands in for a TPU; the GPU kernels' CPU tests call them in Mosaic GPU /
-Triton interpret mode directly).
+operands (the Mosaic GPU indexer logits for e4m3 operands, the top-k kernel, the sparse MLA kernel for
+bf16 operands whose latent and rope dims are powers of two), and the reference elsewhere; ``"pallas"``
+insists on the kernel: on a GPU it also runs the sparse MLA kernel in float32, and on the CPU it runs
+the *TPU kernels in Pallas TPU interpret mode* (the CPU stands in for a TPU; the GPU kernels' CPU tests
+call them in Mosaic GPU / Triton interpret mode directly).
 """
 
 from __future__ import annotations

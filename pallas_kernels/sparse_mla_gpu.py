@@ -18,8 +18,10 @@ same rows, so a gathered tile serves all of them -- the FlashMLA lesson) and a c
 query's top-k slots (``k_splits`` programs per query when the batch is small, flash-decoding style:
 their partial outputs and log-sum-exps are merged afterwards). Tiles of ``block_k`` selected rows are
 gathered (latent 512 + rope 64), scored against the heads with two MMAs, and folded into the output
-by an online softmax in float32. The latent may come from an FP8 cache (e4m3 + a scale per 128
-values, FlashMLA's 656 bytes a token with the bf16 rope), dequantised tile by tile after the gather.
+by an online softmax in float32; tiles past a query's last valid slot are not visited (a query that
+sees fewer keys than k, as the first k of a prefill, does proportionally less work). The latent may
+come from an FP8 cache (e4m3 + a scale per 128 values, FlashMLA's 656 bytes a token with the bf16
+rope), dequantised tile by tile after the gather.
 """
 
 from __future__ import annotations
@@ -113,12 +115,16 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
     idx = jnp.pad(idx, ((0, 0), (0, 0), (0, k_pad - k)), constant_values=-1)
   idx = jnp.where((idx >= 0) & (idx < t), idx, -1).astype(jnp.int32)
   n_hb, tiles = h_pad // bh, k_pad // bk
+  # Tiles past a query's last valid slot hold only -1 and are skipped: the selection puts its unused
+  # slots last, so a query that sees fewer keys than k (the first k of a prefill) does less work.
+  slots = jnp.arange(1, k_pad + 1, dtype=jnp.int32)
+  live_tiles = -(-jnp.max(jnp.where(idx >= 0, slots, 0), axis=-1) // bk)  # [b, s]
   splits = _k_splits(config, b * s * n_hb, tiles)
   tiles_per_split = -(-tiles // splits)
 
   n_groups = c // group  # latent column groups: one scale each in an FP8 cache, the whole latent otherwise
 
-  def kernel(idx_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, *refs):
+  def kernel(live_tiles_ref, idx_ref, q_lat_ref, q_pe_ref, kv_ref, k_pe_ref, *refs):
     kv_scale_ref, o_ref, lse_ref = refs if fp8 else (None, *refs)
     bi, si = pl.program_id(0) // s, pl.program_id(0) % s
     hi, split = pl.program_id(1), pl.program_id(2)
@@ -129,7 +135,7 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
     qp = q_pe_ref[bi, si, heads, :]      # [bh, r]
     group_cols, rope_cols = jnp.arange(group, dtype=jnp.int32), jnp.arange(r, dtype=jnp.int32)
     first = split * tiles_per_split
-    last = jnp.minimum(first + tiles_per_split, tiles)
+    last = jnp.minimum(first + tiles_per_split, live_tiles_ref[bi, si])
 
     def gather_latent(rows, g):  # [bk, group] of the selected rows, in the queries' dtype
       part = kv_ref[bi, rows[:, None], (g * group + group_cols)[None, :]]  # one gathered row per slot
@@ -173,7 +179,7 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
       grid=(b * s, n_hb, splits),
       compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
       interpret=interpret,
-  )(idx, q_lat, q_pe, kv, k_pe, *((kv_scale.astype(jnp.float32),) if fp8 else ()))
+  )(live_tiles, idx, q_lat, q_pe, kv, k_pe, *((kv_scale.astype(jnp.float32),) if fp8 else ()))
   if splits > 1:  # merge the partial softmaxes: weights exp(lse_i - lse)
     total = jax.nn.logsumexp(lse, axis=2, keepdims=True)
     w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(total), total, 0.0)), 0.0)

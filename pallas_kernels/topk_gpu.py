@@ -53,6 +53,7 @@ class TopkGpuConfig:
                                 # more makes the batch fall back to lax.top_k, exactly
   block: int = 2048             # values per step of each pass over a row
   num_warps: int = 8
+  num_stages: int = 1           # Triton software pipelining of the passes' loads
   row_parts: int | None = 1     # programs per row (decode: few rows, long ones); None: enough to fill
                                 # the GPU. >1: each part's exact top-k, then the top-k of their union
 
@@ -227,7 +228,7 @@ def topk_candidates_kernel(logits: Float[Array, "r t"], lengths: Int[Array, "r"]
                  jax.ShapeDtypeStruct((r, capacity + block), jnp.float32),
                  jax.ShapeDtypeStruct((r, capacity + block), jnp.int32)),
       grid=(r,),
-      compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=1),
+      compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
       interpret=interpret,
   )(lengths.astype(jnp.int32), seg_log2, logits)[:2]
   return idx[:, :k], overflow

@@ -150,3 +150,23 @@ def test_layered_draw_equals_its_layers(monkeypatch):
   w = np.asarray(params["moe_layers"]["ffn"]["experts"]["w1"]["weight"]).astype(np.float32)
   assert w.shape[0] == cfg.n_layers - cfg.n_dense_layers and all(np.abs(w[i]).sum() > 0 for i in range(w.shape[0]))
   assert not np.array_equal(w[0], w[1])
+
+
+_MOE_LAYER_CHECK = """
+import jax
+from benchmarks.ep_layers import moe_layer_check
+from dsv32_jax.config import preset
+from sharding.plan import ShardingPlan
+from sharding.rules import make_mesh
+plan = ShardingPlan(make_mesh(1, 2, 1, devices=jax.devices()[:2]))
+print(moe_layer_check(plan, preset("tiny"), True, jax.devices()[0], jax.random.key(0), tokens=128))
+"""
+
+
+def test_ep_benchmark_moe_layer_check_on_two_devices():
+  """The MoE-layer equality check that ep_layers judges for FP8 weights on a GPU: EP over 2 devices vs one,
+  the same layer and inputs (on the CPU the experts run ragged; the kernel runs there on a GPU)."""
+  proc = subprocess.run([sys.executable, "-c", _MOE_LAYER_CHECK], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, env=_env("--xla_force_host_platform_device_count=2"))
+  assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+  assert float(proc.stdout.strip().splitlines()[-1]) < 1e-5

@@ -2,7 +2,7 @@
 
   PYTHONPATH=. python3 benchmarks/topk_gpu_sweep.py --out $OUT/topk_sweep.json
 
-Each config (values per step / warps / pipeline stages) is first checked against the reference's sets
+Each config (values per step / warps / pipeline stages / threshold bits a pass) is first checked against the reference's sets
 computed on the host in float32's total order (-0.0 < +0.0, as ``lax.top_k`` on a CPU and the kernel),
 on rows with many ties and short causal rows, then timed on the prefill rows of the DSA target (2048
 causal rows at the end of a 128K context, and full rows) and on decode rows (batch 1 / 32 / 128 of
@@ -27,8 +27,10 @@ report = Table(62)
 
 
 def parse_config(text: str) -> TopkGpuConfig:
-  block, warps, stages = (int(v) for v in text.split(","))
-  return TopkGpuConfig(block=block, num_warps=warps, num_stages=stages)
+  """block,warps,stages[,search_bits]"""
+  values = [int(v) for v in text.split(",")]
+  return TopkGpuConfig(block=values[0], num_warps=values[1], num_stages=values[2],
+                       search_bits=values[3] if len(values) > 3 else 1)
 
 
 def stable_topk_sets(rows: np.ndarray, k: int) -> np.ndarray:
@@ -54,9 +56,11 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out")
   ap.add_argument("--context", type=int, default=131072)
-  ap.add_argument("--configs", nargs="*", default=["2048,8,1", "4096,8,1", "8192,8,1", "8192,16,1", "4096,8,2",
-                                                    "16384,16,1"],
-                  help="block,warps,stages per config")
+  # Default: the kernel's default and the threshold search by 2 and 4 bits a pass, at the prefill
+  # tiling and at the tiling that won decode at batch 1 and 128 on the H100 (BENCHMARKS.md).
+  ap.add_argument("--configs", nargs="*", default=["2048,8,1", "2048,8,1,2", "2048,8,1,4", "8192,16,1",
+                                                    "8192,16,1,4"],
+                  help="block,warps,stages[,search_bits] per config")
   args = ap.parse_args()
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   L, s = args.context, 2048
@@ -68,7 +72,8 @@ def main():
   report(f"lax.top_k, {s} causal rows x {L}", median_seconds(jax.jit(lambda x: jax.lax.top_k(x, K)[1]), causal, iters=3))
   for text in args.configs:
     config = parse_config(text)
-    name = f"block {config.block} / {config.num_warps} warps / {config.num_stages} stages"
+    name = (f"block {config.block} / {config.num_warps} warps / {config.num_stages} stages / "
+            f"{config.search_bits} search bits")
     try:
       ok = agrees(config)
       run = jax.jit(lambda x, n, config=config: topk_gpu(x, K, n, config))

@@ -9,9 +9,10 @@ Per row (``jax.lax.top_k`` sorts the whole row, 19 ms for 2048 x 131072 on an H1
 
   0. the maximum of each segment of g values of the row's visible prefix, g per row: the largest
      power of two leaving at least 4k segments (g = 1 below 8k visible values, 16 at 128K, k = 2048);
-  1. tau = the k-th largest segment maximum, by bisection on order-preserving int32 keys. At least k
-     values are >= tau, and every value of the row's top k is (a value above the k-th largest v lies
-     in a segment whose maximum is above v; fewer than k such segments exist);
+  1. tau = the k-th largest segment maximum, by bisection on order-preserving int32 keys (a bit per
+     pass over the maxima; ``search_bits`` 2 or 4 settle more per pass against several thresholds at
+     once). At least k values are >= tau, and every value of the row's top k is (a value above the
+     k-th largest v lies in a segment whose maximum is above v; fewer than k such segments exist);
   2. one pass over the row keeps the finite values >= tau, in index order, as candidates (random
      rows keep ~1.13k; a row with more than the capacity -- at worst k * segment, or more when segment
      maxima tie at tau -- makes the whole batch fall back to ``lax.top_k``: exact for every input);
@@ -54,8 +55,14 @@ class TopkGpuConfig:
   block: int = 2048             # values per step of each pass over a row
   num_warps: int = 8
   num_stages: int = 1           # Triton software pipelining of the passes' loads
+  search_bits: int = 1          # bits of tau settled per pass over the segment maxima (1, 2 or 4: 32, 16
+                                # or 8 passes, each counting against 2**bits thresholds at once)
   row_parts: int | None = 1     # programs per row (decode: few rows, long ones); None: enough to fill
                                 # the GPU. >1: each part's exact top-k, then the top-k of their union
+
+  def __post_init__(self):
+    if self.search_bits not in (1, 2, 4):
+      raise ValueError(f"TopkGpuConfig.search_bits = {self.search_bits}: expected 1, 2 or 4")
 
 
 SEGMENTS = (1, 2, 4, 8, 16, 32, 64)  # per-row segment sizes: the largest leaving >= 4k maxima
@@ -82,6 +89,22 @@ def _kth_largest_key(count_at_least, k: int) -> Int[Array, ""]:
   for bit in range(31, -1, -1):
     candidate_u = answer_u | jnp.int32(INT32_MIN if bit == 31 else 1 << bit)
     answer_u = jnp.where(count_at_least(candidate_u ^ INT32_MIN) >= k, candidate_u, answer_u)
+  return answer_u ^ INT32_MIN
+
+
+def _kth_largest_key_by_digits(count_at_least_each, k: int, bits: int) -> Int[Array, ""]:
+  """``_kth_largest_key`` settling `bits` bits a pass: 32 / bits passes, each counting the keys >= each
+  of 2**bits thresholds (the current answer with every value of the next digit) in one sweep.
+
+  ``count_at_least_each(thresholds)`` -> counts [2**bits]; they do not grow with the digit, so the digit
+  is the number of thresholds still reaching k, less one (at least 0: fewer than k keys in all).
+  """
+  digits = jnp.arange(1 << bits, dtype=jnp.int32)
+  answer_u = jnp.int32(0)
+  for shift in range(32 - bits, -1, -bits):
+    counts = count_at_least_each((answer_u | (digits << shift)) ^ INT32_MIN)
+    digit = jnp.maximum(jnp.sum((counts >= k).astype(jnp.int32)) - 1, 0)
+    answer_u = answer_u | (digit << shift)
   return answer_u ^ INT32_MIN
 
 
@@ -182,14 +205,23 @@ def topk_candidates_kernel(logits: Float[Array, "r t"], lengths: Int[Array, "r"]
     lax.fori_loop(0, n_blocks, segment_maxima, jnp.int32(0))
     n_max = (n + (1 << level) - 1) >> level
 
-    def count_maxima_at_least(threshold):
+    def sweep_maxima(count, init):  # init + count(keys) summed over the maxima's blocks
       def body(b, c):
         offs = b * block + lane
-        keys = jnp.where(offs < n_max, ordered_key(maxima_ref[row, pl.ds(b * block, block)]), INT32_MIN)
-        return c + jnp.sum((keys >= threshold).astype(jnp.int32))
-      return lax.fori_loop(0, (n_max + block - 1) // block, body, jnp.int32(0))
+        return c + count(jnp.where(offs < n_max, ordered_key(maxima_ref[row, pl.ds(b * block, block)]), INT32_MIN))
+      return lax.fori_loop(0, (n_max + block - 1) // block, body, init)
 
-    tau = _kth_largest_key(count_maxima_at_least, k)
+    def count_maxima_at_least(threshold):
+      return sweep_maxima(lambda keys: jnp.sum((keys >= threshold).astype(jnp.int32)), jnp.int32(0))
+
+    def count_maxima_at_least_each(thresholds):  # [2**bits] counts in one sweep over the maxima
+      return sweep_maxima(lambda keys: jnp.sum((keys[None, :] >= thresholds[:, None]).astype(jnp.int32), axis=1),
+                          jnp.zeros(thresholds.shape, jnp.int32))
+
+    if config.search_bits == 1:
+      tau = _kth_largest_key(count_maxima_at_least, k)
+    else:
+      tau = _kth_largest_key_by_digits(count_maxima_at_least_each, k, config.search_bits)
 
     def compact(b, count):  # candidates >= tau, in index order
       offs, vals = row_block(b)

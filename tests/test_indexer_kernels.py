@@ -62,9 +62,11 @@ def test_topk_kernel_lowers_for_hopper_at_the_671b_shapes():
   """Pallas's Triton lowering of the top-k kernel for an H100: 2048 prefill rows x 128K keys, k = 2048."""
   rows = jax.ShapeDtypeStruct((2048, 131072), jnp.float32)
   lengths = jax.ShapeDtypeStruct((2048,), jnp.int32)
-  with jax.sharding.use_abstract_mesh(H100_ABSTRACT):
-    text = jax.jit(lambda x, n: topk_gpu(x, 2048, n)).trace(rows, lengths).lower(lowering_platforms=("cuda",)).as_text()
-  assert "triton" in text.lower()
+  for config in (TopkGpuConfig(), TopkGpuConfig(search_bits=4)):
+    with jax.sharding.use_abstract_mesh(H100_ABSTRACT):
+      text = jax.jit(lambda x, n, config=config: topk_gpu(x, 2048, n, config)).trace(rows, lengths).lower(
+          lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text.lower()
 
 
 def test_ordered_keys_follow_the_float_order():
@@ -92,6 +94,23 @@ def test_topk_kernel_equals_the_reference_in_interpret_mode(rng, rows, t, k, tie
   ref = np.asarray(indexer.select_topk(jnp.asarray(x), k))
   for g, r in zip(np.asarray(got), ref):
     assert sorted(g.tolist()) == sorted(r.tolist())
+
+
+@pytest.mark.parametrize("search_bits", [2, 4])
+def test_topk_threshold_search_by_digits_equals_the_reference(rng, search_bits):
+  """Settling 2 or 4 bits of the threshold a pass over the segment maxima gives the same sets: ties,
+  a row with fewer than k finite values, rows of several segment sizes, negative and positive values."""
+  r, t, k = 3, 4096, 64
+  x = np.round(rng.standard_normal((r, t)) * 3) / 2 - 1.0
+  lengths = np.array([40, t, 9 * k], np.int32)
+  x = np.where(np.arange(t)[None] < lengths[:, None], x, -np.inf).astype(np.float32)
+  config = TopkGpuConfig(capacity=64 * k, block=256, search_bits=search_bits)
+  got, overflow = topk_candidates_kernel(jnp.asarray(x), jnp.asarray(lengths), k, config, interpret=True)
+  assert not np.asarray(overflow).any()
+  ref = np.asarray(indexer.select_topk(jnp.asarray(x), k))
+  assert all(sorted(g.tolist()) == sorted(w.tolist()) for g, w in zip(np.asarray(got), ref))
+  with pytest.raises(ValueError, match="search_bits"):
+    TopkGpuConfig(search_bits=3)
 
 
 @pytest.mark.parametrize("parts", [3, None])

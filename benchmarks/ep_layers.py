@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import rel_err
 from dsv32_jax import cache as cache_lib
 from dsv32_jax import generate
 from dsv32_jax.config import preset
@@ -194,11 +195,6 @@ def moe_layer_check(plan, cfg, fp8: bool, device, key, tokens: int = 512) -> flo
   params = draw_params(one_layer, key, fp8, jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=single), abstract))
   return rel_err(ep, jax.jit(lambda p, x: moe.moe(p, one_layer, x))(layer(params), jax.device_put(x, device)))
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.timing import rel_err
 from dsv32_jax import cache as cache_lib
 from dsv32_jax import model, moe, quant
 from dsv32_jax.config import preset
@@ -29,11 +30,6 @@ from pallas_kernels.grouped_gemm_fp8_mgpu import GroupedGemmConfig, grouped_gemm
 
 CFG = preset("tiny").replace(index_n_heads=16, index_topk=32)
 BM = GroupedGemmConfig().block_m
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def run_model(params, tokens, kernels: str, experts: str, dtype: str = "float32"):

@@ -40,3 +40,10 @@ class Table:
     self.rows.append({"what": what, "ms": seconds * 1e3, **extra})
     rest = "  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items())
     print(f"{what:{self.width}s} {seconds * 1e3:10.3f} ms  {rest}", flush=True)
+
+
+def rel_err(a, b) -> float:
+  """Relative norm error of a against b, in float64 on the host."""
+  import numpy as np
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))

@@ -9,7 +9,7 @@ Prints one table (and writes JSON): a correctness check on this GPU, then prefil
 2048 of the visible keys -- in useful TFLOP/s (2 * heads * k * (2 * 512 + 64) a query), and decode
 steps (one query per sequence, batch 1 / 32 / 128, 128K cache; from the bf16 cache and from the
 656-byte FP8 one) with the gathered rows' bytes as a share of the measured HBM copy bandwidth.
-``--configs``: block_h,block_k,num_warps,num_stages each; a config the GPU cannot run (e.g. more
+``--configs``: block_h,block_k,num_warps,num_stages[,h] each; a config the GPU cannot run (e.g. more
 shared memory than it has) is reported as FAILED and skipped.
 """
 
@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from benchmarks.timing import Table, measured_hbm_bandwidth, median_seconds
 from dsv32_jax import quant
 from dsv32_jax.mla import sparse_attention_scaled
-from pallas_kernels.sparse_mla_gpu import DEFAULT_CONFIG, FP8_CACHE_CONFIG, SparseMlaGpuConfig, flops, sparse_mla_gpu
+from pallas_kernels.sparse_mla_gpu import (DEFAULT_CONFIG, FP8_CACHE_CONFIG, PREFILL_CONFIG, SparseMlaGpuConfig, flops,
+                                          sparse_mla_gpu)
 
 H, C, R, K = 128, 512, 64, 2048
 SCALE = 0.0625
@@ -44,8 +45,15 @@ def inputs(key, b, s, t, visible_from):
 
 
 def parse_config(text: str) -> SparseMlaGpuConfig:
-  bh, bk, warps, stages = (int(v) for v in text.split(","))
-  return SparseMlaGpuConfig(block_h=bh, block_k=bk, num_warps=warps, num_stages=stages)
+  """block_h,block_k,num_warps,num_stages[,h]: a trailing h launches a query's head blocks side by side."""
+  values = text.split(",")
+  bh, bk, warps, stages = (int(v) for v in values[:4])
+  return SparseMlaGpuConfig(block_h=bh, block_k=bk, num_warps=warps, num_stages=stages,
+                            heads_inner=values[4:] == ["h"])
+
+
+def label(c: SparseMlaGpuConfig) -> str:
+  return f"{c.block_h}/{c.block_k}/{c.num_warps}/{c.num_stages}{'/h' if c.heads_inner else ''}"
 
 
 def time_or_none(name: str, fn, *operands):
@@ -65,12 +73,14 @@ def main():
   ap.add_argument("--decode-batch", type=int, nargs="*", default=[1, 32, 128])
   ap.add_argument("--decode-context", type=int, default=131072)
   ap.add_argument("--configs", nargs="*", default=None,
-                  help="kernel configs bh,bk,warps,stages to time (default: the bf16- and FP8-cache defaults)")
+                  help="kernel configs bh,bk,warps,stages[,h] to time "
+                       "(default: the decode, prefill and FP8-cache defaults)")
   ap.add_argument("--skip-reference", action="store_true")
   ap.add_argument("--skip-fp8-cache", action="store_true", help="decode from the bf16 cache only")
   ap.add_argument("--interpret", action="store_true", help="the kernel in interpret mode (a CPU smoke run)")
   args = ap.parse_args()
-  configs = [parse_config(c) for c in args.configs] if args.configs else [DEFAULT_CONFIG, FP8_CACHE_CONFIG]
+  configs = ([parse_config(c) for c in args.configs] if args.configs
+             else [DEFAULT_CONFIG, PREFILL_CONFIG, FP8_CACHE_CONFIG])
   dev = jax.devices()[0].device_kind
   print(f"device: {dev}, jax {jax.__version__}", flush=True)
   hbm = measured_hbm_bandwidth(2**24 if args.interpret else 2**30)
@@ -90,7 +100,7 @@ def main():
       del kernels[c]
       continue
     err = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
-    report(f"check: kernel {c.block_h}/{c.block_k}/{c.num_warps}/{c.num_stages} vs float32 reference", 0.0,
+    report(f"check: kernel {label(c)} vs float32 reference", 0.0,
            rel_err=err)
     assert err < 2e-2, err
 
@@ -98,7 +108,7 @@ def main():
     for c, fn in kernels.items():
       if (t := time_or_none(f"kernel {c}: {tag}", fn, *operands)) is None:
         continue
-      report(f"kernel {c.block_h}/{c.block_k}/{c.num_warps}/{c.num_stages}: {tag}", t, TFLOPs=work / t / 1e12,
+      report(f"kernel {label(c)}: {tag}", t, TFLOPs=work / t / 1e12,
              HBM_share=read_bytes / t / hbm)
     if not args.skip_reference:
       t = median_seconds(ref, *operands)
@@ -126,7 +136,7 @@ def main():
                                                                           interpret=args.interpret, kv_scale=sc)[0])
         if (t := time_or_none(f"kernel {c}: FP8 cache, batch {b}", fn, q, qp, kv8, kpe, idx, kv_scale)) is None:
           continue
-        report(f"kernel {c.block_h}/{c.block_k}/{c.num_warps}/{c.num_stages}: decode, batch {b}, FP8 cache", t,
+        report(f"kernel {label(c)}: decode, batch {b}, FP8 cache", t,
                TFLOPs=flops(b, 1, H, C, R, K) / t / 1e12,
                HBM_share=(b * K * 656 + 2 * b * H * (C + R + C)) / t / hbm)
       if not args.skip_reference:  # gathers the e4m3 rows, dequantises only them

@@ -27,10 +27,10 @@ report = Table(62)
 
 
 def parse_config(text: str) -> TopkGpuConfig:
-  """block,warps,stages[,search_bits]"""
-  values = [int(v) for v in text.split(",")]
-  return TopkGpuConfig(block=values[0], num_warps=values[1], num_stages=values[2],
-                       search_bits=values[3] if len(values) > 3 else 1)
+  """block,warps,stages[,search_bits[,full]]: "full" settles all 32 bits of the searches (no early stop)."""
+  values = text.split(",")
+  return TopkGpuConfig(block=int(values[0]), num_warps=int(values[1]), num_stages=int(values[2]),
+                       search_bits=int(values[3]) if len(values) > 3 else 1, stop_early=values[4:] != ["full"])
 
 
 def stable_topk_sets(rows: np.ndarray, k: int) -> np.ndarray:
@@ -56,11 +56,9 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out")
   ap.add_argument("--context", type=int, default=131072)
-  # Default: the kernel's default and the threshold search by 2 and 4 bits a pass, at the prefill
-  # tiling and at the tiling that won decode at batch 1 and 128 on the H100 (BENCHMARKS.md).
-  ap.add_argument("--configs", nargs="*", default=["2048,8,1", "2048,8,1,2", "2048,8,1,4", "8192,16,1",
-                                                    "8192,16,1,4"],
-                  help="block,warps,stages[,search_bits] per config")
+  # Default: the kernel's prefill and decode tilings, each with the searches' early stop and without.
+  ap.add_argument("--configs", nargs="*", default=["2048,8,1", "2048,8,1,1,full", "8192,16,1", "8192,16,1,1,full"],
+                  help="block,warps,stages[,search_bits[,full]] per config")
   args = ap.parse_args()
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)
   L, s = args.context, 2048
@@ -73,7 +71,7 @@ def main():
   for text in args.configs:
     config = parse_config(text)
     name = (f"block {config.block} / {config.num_warps} warps / {config.num_stages} stages / "
-            f"{config.search_bits} search bits")
+            f"{config.search_bits} search bits{'' if config.stop_early else ' / all 32 passes'}")
     try:
       ok = agrees(config)
       run = jax.jit(lambda x, n, config=config: topk_gpu(x, K, n, config))

@@ -12,13 +12,16 @@ Per row (``jax.lax.top_k`` sorts the whole row, 19 ms for 2048 x 131072 on an H1
   1. tau = the k-th largest segment maximum, by bisection on order-preserving int32 keys (a bit per
      pass over the maxima; ``search_bits`` 2 or 4 settle more per pass against several thresholds at
      once). At least k values are >= tau, and every value of the row's top k is (a value above the
-     k-th largest v lies in a segment whose maximum is above v; fewer than k such segments exist);
+     k-th largest v lies in a segment whose maximum is above v; fewer than k such segments exist).
+     Any lower tau that at least k maxima reach serves as well, only keeping more candidates: the
+     search stops once at most k + k/8 maxima reach it (``stop_early``; ~half the 32 passes);
   2. one pass over the row keeps the finite values >= tau, in index order, as candidates (random
      rows keep ~1.13k; a row with more than the capacity -- at worst k * segment, or more when segment
      maxima tie at tau -- makes the whole batch fall back to ``lax.top_k``: exact for every input);
-  3. v = the k-th largest candidate (bisection again), then every candidate above v and the
-     lowest-indexed candidates equal to v until k are chosen, written in index order; slots left
-     over (a row with fewer than k finite values) hold -1.
+  3. v = the k-th largest candidate (the same search, ``search_bits`` a pass; it stops early once
+     exactly k candidates reach its threshold: they are the top k, with no tie at the boundary), then
+     every candidate above v and the lowest-indexed candidates equal to v until k are chosen, written
+     in index order; slots left over (a row with fewer than k finite values) hold -1.
 
 The result equals ``dsv32_jax.indexer.select_topk``: the same set, ties to the lower index, and -1
 for slots whose value is -inf (fewer than k visible keys).
@@ -53,16 +56,26 @@ class TopkGpuConfig:
   capacity: int | None = None   # candidates kept per row; None: 2k (random rows keep ~1.13k); a row with
                                 # more makes the batch fall back to lax.top_k, exactly
   block: int = 2048             # values per step of each pass over a row
-  num_warps: int = 8
+  num_warps: int = 4
   num_stages: int = 1           # Triton software pipelining of the passes' loads
-  search_bits: int = 1          # bits of tau settled per pass over the segment maxima (1, 2 or 4: 32, 16
-                                # or 8 passes, each counting against 2**bits thresholds at once)
+  search_bits: int = 1          # bits settled per pass of the threshold searches (steps 1 and 3; 1, 2 or 4:
+                                # 32, 16 or 8 passes, each counting against 2**bits thresholds at once)
+  stop_early: bool = True       # the 1-bit searches stop once their threshold will do (see the module); False:
+                                # all 32 passes (for comparison)
   row_parts: int | None = 1     # programs per row (decode: few rows, long ones); None: enough to fill
                                 # the GPU. >1: each part's exact top-k, then the top-k of their union
 
   def __post_init__(self):
     if self.search_bits not in (1, 2, 4):
       raise ValueError(f"TopkGpuConfig.search_bits = {self.search_bits}: expected 1, 2 or 4")
+
+
+# Measured on an H100 at 128K (BENCHMARKS.md, top-k tilings): 2048 values a step and 4 warps are best for
+# prefill chunks (2048 rows: 1.79 ms causal, 8 warps 2.3); 8192 and 16 warps for a decode step of a few
+# sequences (one long row each: fewer, longer steps).
+PREFILL_CONFIG = TopkGpuConfig(block=2048, num_warps=4)
+DECODE_CONFIG = TopkGpuConfig(block=8192, num_warps=16)
+DECODE_ROWS = 8  # at most this many rows take DECODE_CONFIG when no config is given
 
 
 SEGMENTS = (1, 2, 4, 8, 16, 32, 64)  # per-row segment sizes: the largest leaving >= 4k maxima
@@ -79,16 +92,34 @@ def ordered_key(x: Float[Array, "..."]) -> Int[Array, "..."]:
   return bits ^ ((bits >> 31) & INT32_MAX)
 
 
-def _kth_largest_key(count_at_least, k: int) -> Int[Array, ""]:
+def _kth_largest_key(count_at_least, k: int, enough=None) -> Int[Array, ""]:
   """The largest key t with count(keys >= t) >= k: the k-th largest key.
 
   Built bit by bit from the most significant bit of the unsigned key order (u = key ^ INT32_MIN), so
   no bound ever overflows: 32 counting passes (``count_at_least(t)`` counts the keys >= t).
+
+  ``enough(count)``: stop as soon as the answer so far -- always a key with count(keys >= it) >= k, so
+  at most the k-th largest -- has a count for which this holds (a run-time loop, often half the passes).
   """
-  answer_u = jnp.int32(0)
-  for bit in range(31, -1, -1):
-    candidate_u = answer_u | jnp.int32(INT32_MIN if bit == 31 else 1 << bit)
-    answer_u = jnp.where(count_at_least(candidate_u ^ INT32_MIN) >= k, candidate_u, answer_u)
+  if enough is None:
+    answer_u = jnp.int32(0)
+    for bit in range(31, -1, -1):
+      candidate_u = answer_u | jnp.int32(INT32_MIN if bit == 31 else 1 << bit)
+      answer_u = jnp.where(count_at_least(candidate_u ^ INT32_MIN) >= k, candidate_u, answer_u)
+    return answer_u ^ INT32_MIN
+
+  def settle_bit(carry):
+    bit, answer_u, count = carry
+    candidate_u = answer_u | lax.shift_left(jnp.int32(1), bit)  # bit 31: INT32_MIN
+    c = count_at_least(candidate_u ^ INT32_MIN)
+    return bit - 1, jnp.where(c >= k, candidate_u, answer_u), jnp.where(c >= k, c, count)
+
+  def searching(carry):
+    bit, _, count = carry
+    return (bit >= 0) & jnp.logical_not(enough(count))
+
+  # count starts unknown (INT32_MAX: "all of them"); the answer u = 0 is the smallest key
+  _, answer_u, _ = lax.while_loop(searching, settle_bit, (jnp.int32(31), jnp.int32(0), jnp.int32(INT32_MAX)))
   return answer_u ^ INT32_MIN
 
 
@@ -116,13 +147,15 @@ def segment_log2(lengths: Int[Array, "r"], k: int) -> Int[Array, "r"]:
 
 
 def topk_gpu(logits: Float[Array, "r t"], k: int, lengths: Int[Array, "r"] | None = None,
-             config: TopkGpuConfig = TopkGpuConfig(), interpret: bool = False) -> Int[Array, "r k"]:
+             config: TopkGpuConfig | None = None, interpret: bool = False) -> Int[Array, "r k"]:
   """Indices of the k largest values of each row (ties to the lower index), -1 where the value is -inf.
 
   ``lengths[r]``: the row's values past it are -inf (a causal or decode row: position + 1); the
-  kernel never reads them. Default: the whole row.
+  kernel never reads them. Default: the whole row. config: None takes DECODE_CONFIG for at most
+  DECODE_ROWS rows, PREFILL_CONFIG otherwise.
   """
   r, t = logits.shape
+  config = config or (DECODE_CONFIG if r <= DECODE_ROWS else PREFILL_CONFIG)
   if t <= 2 * k:
     return reference(logits, k)  # short rows: pruning saves nothing
   lengths = jnp.full((r,), t, jnp.int32) if lengths is None else jnp.minimum(lengths, t)
@@ -218,8 +251,8 @@ def topk_candidates_kernel(logits: Float[Array, "r t"], lengths: Int[Array, "r"]
       return sweep_maxima(lambda keys: jnp.sum((keys[None, :] >= thresholds[:, None]).astype(jnp.int32), axis=1),
                           jnp.zeros(thresholds.shape, jnp.int32))
 
-    if config.search_bits == 1:
-      tau = _kth_largest_key(count_maxima_at_least, k)
+    if config.search_bits == 1:  # early stop: at most k/8 more maxima reach tau than the exact k-th largest
+      tau = _kth_largest_key(count_maxima_at_least, k, (lambda c: c <= k + k // 8) if config.stop_early else None)
     else:
       tau = _kth_largest_key_by_digits(count_maxima_at_least_each, k, config.search_bits)
 
@@ -245,7 +278,13 @@ def topk_candidates_kernel(logits: Float[Array, "r t"], lengths: Int[Array, "r"]
     vals = pltriton.load(cand_val_ref.at[row, pl.ds(0, capacity)], mask=used, other=-jnp.inf)
     keys = jnp.where(used, ordered_key(vals), INT32_MIN)
     cand_idx = pltriton.load(cand_idx_ref.at[row, pl.ds(0, capacity)], mask=used, other=-1)
-    v = _kth_largest_key(lambda threshold: jnp.sum((keys >= threshold).astype(jnp.int32)), k)
+    if config.search_bits == 1:
+      v = _kth_largest_key(lambda threshold: jnp.sum((keys >= threshold).astype(jnp.int32)), k,
+                           (lambda c: c == k) if config.stop_early else None)  # exactly k reach v: the top k
+    else:
+      v = _kth_largest_key_by_digits(
+          lambda thresholds: jnp.sum((keys[None, :] >= thresholds[:, None]).astype(jnp.int32), axis=1), k,
+          config.search_bits)
     above = used & (keys > v)
     tied = used & (keys == v)
     room = k - jnp.sum(above.astype(jnp.int32))

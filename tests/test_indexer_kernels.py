@@ -7,6 +7,7 @@ import pytest
 
 from dsv32_jax import indexer, quant
 from pallas_kernels import dispatch
+from pallas_kernels import topk_gpu as topk_gpu_module
 from pallas_kernels.indexer_logits_mgpu import IndexerLogitsConfig, index_logits_mgpu
 from pallas_kernels.topk_gpu import TopkGpuConfig, ordered_key, segment_log2, topk_candidates_kernel, topk_gpu
 from tests.conftest import H100_ABSTRACT, rel_err
@@ -62,7 +63,7 @@ def test_topk_kernel_lowers_for_hopper_at_the_671b_shapes():
   """Pallas's Triton lowering of the top-k kernel for an H100: 2048 prefill rows x 128K keys, k = 2048."""
   rows = jax.ShapeDtypeStruct((2048, 131072), jnp.float32)
   lengths = jax.ShapeDtypeStruct((2048,), jnp.int32)
-  for config in (TopkGpuConfig(), TopkGpuConfig(search_bits=4)):
+  for config in (TopkGpuConfig(), TopkGpuConfig(stop_early=False), TopkGpuConfig(search_bits=4)):
     with jax.sharding.use_abstract_mesh(H100_ABSTRACT):
       text = jax.jit(lambda x, n, config=config: topk_gpu(x, 2048, n, config)).trace(rows, lengths).lower(
           lowering_platforms=("cuda",)).as_text()
@@ -96,9 +97,22 @@ def test_topk_kernel_equals_the_reference_in_interpret_mode(rng, rows, t, k, tie
     assert sorted(g.tolist()) == sorted(r.tolist())
 
 
+def test_threshold_search_stops_early_with_a_threshold_that_serves(rng):
+  """The early stop returns a key that at least k keys reach and that meets the stop condition, below
+  the exact k-th largest (so it did stop early); without a condition, the exact k-th largest."""
+  keys = topk_gpu_module.ordered_key(jnp.asarray(rng.standard_normal(8192), jnp.float32))
+  k = 2048
+  count = lambda t: jnp.sum((keys >= t).astype(jnp.int32))
+  exact = int(topk_gpu_module._kth_largest_key(count, k))
+  assert exact == int(jnp.sort(keys)[-k])
+  early = int(topk_gpu_module._kth_largest_key(count, k, lambda c: c <= k + k // 8))
+  assert early < exact and k <= int(count(early)) <= k + k // 8
+  assert int(count(topk_gpu_module._kth_largest_key(count, k, lambda c: c == k))) == k
+
+
 @pytest.mark.parametrize("search_bits", [2, 4])
 def test_topk_threshold_search_by_digits_equals_the_reference(rng, search_bits):
-  """Settling 2 or 4 bits of the threshold a pass over the segment maxima gives the same sets: ties,
+  """Settling 2 or 4 bits of the thresholds a pass (segment maxima, then candidates) gives the same sets: ties,
   a row with fewer than k finite values, rows of several segment sizes, negative and positive values."""
   r, t, k = 3, 4096, 64
   x = np.round(rng.standard_normal((r, t)) * 3) / 2 - 1.0

@@ -39,6 +39,7 @@ def lse_numpy(q, qp, kv, kpe, idx, scale):
 @pytest.mark.parametrize("b, s, h, t, k, config", [
     (2, 3, 20, 90, 40, SparseMlaGpuConfig(block_h=16, block_k=16, k_splits=1)),  # padded heads and slots
     (1, 2, 16, 300, 100, SparseMlaGpuConfig(block_h=16, block_k=32, k_splits=3)),  # split top-k, merged
+    (2, 2, 40, 90, 40, SparseMlaGpuConfig(block_h=16, block_k=16, k_splits=2, heads_inner=True)),  # head-major grid
 ])
 def test_kernel_equals_the_reference_in_interpret_mode(rng, b, s, h, t, k, config):
   args = inputs(rng, b, s, h, 64, 16, t, k)

@@ -89,6 +89,7 @@ def main(argv=None):
   ap.add_argument("--prefill-form", default="naive-mask", choices=["naive-mask", "absorbed-gather"],
                   help="the official MHA form with the top-k set as a score mask, or the latent (MQA) form "
                        "over the gathered top-k rows")
+  ap.add_argument("--query-chunk", type=int, help="RunOptions.query_chunk: queries per block in prefill")
   ap.add_argument("--skip-parts", action="store_true", help="time only whole layers")
   ap.add_argument("--attention-only", action="store_true", help="time only the attention part of prefill")
   ap.add_argument("--dense-baseline", action="store_true",
@@ -100,10 +101,12 @@ def main(argv=None):
   opts = RunOptions(kernels=args.kernels)
   if args.prefill_form == "absorbed-gather":
     opts = opts.replace(prefill_attention="absorbed", prefill_selection="gather")
+  if args.query_chunk:
+    opts = opts.replace(query_chunk=args.query_chunk)
   dtype = opts.jnp_dtype
   p = random_layer(cfg, jax.random.key(0), args.fp8)
   print(f"device: {jax.devices()[0].device_kind}; preset {args.preset}; weights {'fp8' if args.fp8 else 'bf16'}; "
-        f"kernels {args.kernels}; prefill {args.prefill_form}", flush=True)
+        f"kernels {args.kernels}; prefill {args.prefill_form}; query chunk {opts.query_chunk}", flush=True)
   results = {"device": jax.devices()[0].device_kind, "preset": args.preset, "fp8": args.fp8,
              "prefill_form": args.prefill_form, "kernels": args.kernels, "rows": []}
 

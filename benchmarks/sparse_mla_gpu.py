@@ -3,6 +3,10 @@ the 671B shapes (128 heads, latent 512 + rope 64, top-2048), bf16.
 
   PYTHONPATH=. python3 benchmarks/sparse_mla_gpu.py --out $OUT/sparse_mla.json
   PYTHONPATH=. python3 benchmarks/sparse_mla_gpu.py --configs 64,64,8,2 64,32,4,3 --skip-reference   # a sweep
+  PYTHONPATH=. python3 benchmarks/sparse_mla_gpu.py --contexts 131072 --decode-batch --rows same    # gathers from L2
+  PYTHONPATH=. ncu --kernel-name regex:sparse_mla --launch-count 1 --section SpeedOfLight --section Occupancy \
+      --section WarpStateStats python3 benchmarks/sparse_mla_gpu.py --contexts 131072 --decode-batch \
+      --skip-reference                                                       # one launch under Nsight Compute
 
 Prints one table (and writes JSON): a correctness check on this GPU, then prefill -- a chunk of
 --chunk queries at the end of an L-token context (L = 4K, 32K, 128K), each with its own random
@@ -24,23 +28,33 @@ import jax.numpy as jnp
 from benchmarks.timing import Table, measured_hbm_bandwidth, median_seconds
 from dsv32_jax import quant
 from dsv32_jax.mla import sparse_attention_scaled
-from pallas_kernels.sparse_mla_gpu import (DEFAULT_CONFIG, FP8_CACHE_CONFIG, PREFILL_CONFIG, SparseMlaGpuConfig, flops,
-                                          sparse_mla_gpu)
+from pallas_kernels.sparse_mla_gpu import DEFAULT_CONFIG, FP8_CACHE_CONFIG, SparseMlaGpuConfig, flops, sparse_mla_gpu
 
 H, C, R, K = 128, 512, 64, 2048
 SCALE = 0.0625
 report = Table(64)
 
 
-def inputs(key, b, s, t, visible_from):
-  """Random bf16 queries and cache; each query selects K random keys below its position."""
+ROW_PATTERNS = ("random", "window", "same")
+
+
+def inputs(key, b, s, t, visible_from, rows="random"):
+  """Random bf16 queries and cache; each query selects K keys below its position: K random ones, or (a
+  probe of what the gathers cost) the K just below the chunk's start sliding with the query ("window":
+  neighbours share nearly all rows) or the same K rows for every query ("same": they stay in L2)."""
   k1, k2, k3, k4, k5 = jax.random.split(key, 5)
   q = jax.random.normal(k1, (b, s, H, C), jnp.bfloat16)
   qp = jax.random.normal(k2, (b, s, H, R), jnp.bfloat16)
   kv = jax.random.normal(k3, (b, t, C), jnp.bfloat16)
   kpe = jax.random.normal(k4, (b, t, R), jnp.bfloat16)
-  limit = visible_from + jnp.arange(s)[None, :, None] + 1  # causal: query i of the chunk sees up to its position
-  idx = (jax.random.uniform(k5, (b, s, K)) * limit).astype(jnp.int32)
+  query, slot = jnp.arange(s)[None, :, None], jnp.arange(K)[None, None, :]
+  limit = visible_from + query + 1  # causal: query i of the chunk sees up to its position
+  if rows == "random":
+    idx = (jax.random.uniform(k5, (b, s, K)) * limit).astype(jnp.int32)
+  elif rows == "window":
+    idx = jnp.broadcast_to(jnp.maximum(limit - K + slot, -1), (b, s, K)).astype(jnp.int32)
+  else:
+    idx = jnp.broadcast_to(jnp.where(slot < limit, slot * (visible_from + 1) // K, -1), (b, s, K)).astype(jnp.int32)
   return q, qp, kv, kpe, idx
 
 
@@ -73,14 +87,14 @@ def main():
   ap.add_argument("--decode-batch", type=int, nargs="*", default=[1, 32, 128])
   ap.add_argument("--decode-context", type=int, default=131072)
   ap.add_argument("--configs", nargs="*", default=None,
-                  help="kernel configs bh,bk,warps,stages[,h] to time "
-                       "(default: the decode, prefill and FP8-cache defaults)")
+                  help="kernel configs bh,bk,warps,stages[,h] to time (default: the bf16- and FP8-cache defaults)")
+  ap.add_argument("--rows", default="random", choices=ROW_PATTERNS,
+                  help="which rows the prefill queries select (see inputs(); decode always random)")
   ap.add_argument("--skip-reference", action="store_true")
   ap.add_argument("--skip-fp8-cache", action="store_true", help="decode from the bf16 cache only")
   ap.add_argument("--interpret", action="store_true", help="the kernel in interpret mode (a CPU smoke run)")
   args = ap.parse_args()
-  configs = ([parse_config(c) for c in args.configs] if args.configs
-             else [DEFAULT_CONFIG, PREFILL_CONFIG, FP8_CACHE_CONFIG])
+  configs = [parse_config(c) for c in args.configs] if args.configs else [DEFAULT_CONFIG, FP8_CACHE_CONFIG]
   dev = jax.devices()[0].device_kind
   print(f"device: {dev}, jax {jax.__version__}", flush=True)
   hbm = measured_hbm_bandwidth(2**24 if args.interpret else 2**30)
@@ -116,9 +130,10 @@ def main():
 
   for length in args.contexts:
     s = min(args.chunk, length)
-    operands = inputs(jax.random.fold_in(key, length), 1, s, length, length - s)
+    operands = inputs(jax.random.fold_in(key, length), 1, s, length, length - s, args.rows)
     row_bytes = 2 * (C + R)
-    run(f"prefill, {s} queries at context {length:,}", operands, flops(1, s, H, C, R, K),
+    rows = "" if args.rows == "random" else f", {args.rows} rows"
+    run(f"prefill, {s} queries at context {length:,}{rows}", operands, flops(1, s, H, C, R, K),
         s * K * row_bytes + 2 * s * H * (C + R + C))
     del operands
 

@@ -3,7 +3,8 @@
 The same code serves prefill (S new tokens from position 0), chunked prefill and decode (S = 1 at each
 sequence's own position): keys are cache slots ``0 .. kv_len-1`` and query ``t`` may see slot ``s``
 iff ``s <= position(t)``. Queries are processed in blocks of ``RunOptions.query_chunk`` so that no
-``[queries, keys]`` score matrix larger than a block is ever materialised.
+``[queries, keys]`` score matrix larger than a block is ever materialised (``kernel_query_chunk`` when
+the DSA kernels score and attend over gathered rows: they hold no per-head scores).
 
 With ``kv_len <= index_topk`` the indexer would select every visible key, so DSA equals dense causal
 attention exactly and the selection is skipped (the indexer keys are still cached).
@@ -110,5 +111,9 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
       o_lat = mla.absorbed_attention(cfg, q_main, q_pe, kv, keys.k_pe, visible)
     return mla.latent_output(p, cfg, o_lat), idx
 
-  o, idx = map_query_blocks(attend, opts.query_chunk, q_main, q_pe, index_q, index_w, positions)
+  block = opts.query_chunk
+  if select and gather and form == "absorbed" and dispatch.gathered_dsa_runs_kernels(
+      index_q, keys.index_k, q_main.dtype, kv.shape[-1], keys.k_pe.shape[-1], opts.kernels):
+    block = max(block, opts.kernel_query_chunk)  # no [queries, heads, keys] intermediate: larger blocks pay
+  o, idx = map_query_blocks(attend, block, q_main, q_pe, index_q, index_w, positions)
   return linear(p["wo"], o.reshape(b, s, -1)), cache, (idx if select else None)

@@ -27,6 +27,10 @@ class RunOptions:
   prefill_selection: str = "mask"           # the official demo masks dense scores
   decode_selection: str = "gather"          # gathering 2048 rows beats masking 128K at decode
   query_chunk: int = 256                    # queries per block when scoring and attending (bounds memory)
+  kernel_query_chunk: int = 2048            # queries per block of a gathered prefill when the DSA kernels
+                                            # run: a block then holds only its [queries, keys] float32
+                                            # logits (1 GiB at 2048 x 128K); 256-query blocks made the
+                                            # 128K layer 1.24x slower on an H100 (BENCHMARKS.md)
   kernels: str = "auto"                     # "auto" | "reference" | "pallas": see pallas_kernels.dispatch
   sharding: Any = None                      # a sharding.ShardingPlan (mesh + logical-axis rules + expert
                                             # parallelism); None runs unsharded, the reference path
@@ -47,8 +51,9 @@ class RunOptions:
     if self.fp8_latent_cache and not self.latent_quant:
       raise ValueError("RunOptions.fp8_latent_cache needs latent_quant=True: the e4m3 cache holds the latent "
                        "rounded through FP8, it does not round it")
-    if self.query_chunk <= 0:
-      raise ValueError(f"RunOptions.query_chunk = {self.query_chunk} must be positive")
+    for name in ("query_chunk", "kernel_query_chunk"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"RunOptions.{name} = {getattr(self, name)} must be positive")
     if self.kernels not in ("auto", "reference", "pallas"):
       raise ValueError(f"RunOptions.kernels = {self.kernels!r}: expected 'auto', 'reference' or 'pallas'")
 

@@ -152,6 +152,29 @@ def _mxu_takes_e4m3() -> bool:
   return pltpu.get_tpu_info().is_matmul_supported(jnp.float8_e4m3fn, jnp.float8_e4m3fn)
 
 
+def _index_logits_backend(q, k, impl: str) -> str:
+  fp8 = q.dtype == jnp.float8_e4m3fn and k.dtype == jnp.float8_e4m3fn
+  return _dsa_backend("index_logits", impl, gpu_kernel=fp8 and q.shape[-1] % 32 == 0 and q.shape[-2] % 8 == 0)
+
+
+def _sparse_mla_backend(q_lat_dtype, c: int, r: int, impl: str) -> str:
+  # On an H100 the kernel measured 1.5-1.7x XLA's gather + einsum in prefill and 1.0-1.6x in decode at
+  # batch 1-128 (BENCHMARKS.md, sparse MLA), so "auto" takes it wherever its Triton blocks fit the dims,
+  # in bf16 (float32 runs are exact comparisons: "auto" keeps the reference for them, "pallas" forces it).
+  from pallas_kernels.sparse_mla_gpu import supports
+  return _dsa_backend("sparse_mla", impl, gpu_kernel=supports(c, r) and (impl == "pallas" or q_lat_dtype != jnp.float32))
+
+
+def gathered_dsa_runs_kernels(index_q, index_k, q_lat_dtype, c: int, r: int, impl: str = "auto") -> bool:
+  """Whether the indexer logits and the sparse MLA both run kernels for these operands (GPU or TPU).
+
+  Then a block of queries holds no [queries, heads, keys] intermediate -- only its float32 logits
+  [queries, keys] -- so the model can score and attend in larger blocks (``RunOptions.kernel_query_chunk``).
+  """
+  return (_index_logits_backend(index_q, index_k, impl) != "reference"
+          and _sparse_mla_backend(q_lat_dtype, c, r, impl) != "reference")
+
+
 def index_logits(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: Float[Array, "b t d"],
                  k_scale: Float[Array, "b t"], positions: Int[Array, "b s"], *, impl: str = "auto",
                  config=None) -> Float[Array, "b s t"]:
@@ -163,8 +186,7 @@ def index_logits(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: Float[
   (``config``: its ``IndexerLogitsConfig``); TPU: ``pallas_kernels.index_logits_tpu`` (``config``: its
   ``IndexLogitsTpuConfig``; by default e4m3 goes to the MXU unwidened where the chip's MXU takes it).
   """
-  fp8 = q.dtype == jnp.float8_e4m3fn and k.dtype == jnp.float8_e4m3fn
-  backend = _dsa_backend("index_logits", impl, gpu_kernel=fp8 and q.shape[-1] % 32 == 0 and q.shape[-2] % 8 == 0)
+  backend = _index_logits_backend(q, k, impl)
   if backend == "reference":
     from dsv32_jax.indexer import index_logits as reference
     visible = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]
@@ -224,12 +246,7 @@ def sparse_mla(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv
   ``pallas_kernels.sparse_mla_blocks_tpu`` when ``config`` is a ``SparseMlaBlocksTpuConfig`` (64-token
   blocks; indices must be distinct).
   """
-  # On an H100 the kernel measured 1.5-1.7x XLA's gather + einsum in prefill and 1.0-1.6x in decode at
-  # batch 1-128 (BENCHMARKS.md, sparse MLA), so "auto" takes it wherever its Triton blocks fit the dims,
-  # in bf16 (float32 runs are exact comparisons: "auto" keeps the reference for them, "pallas" forces it).
-  from pallas_kernels.sparse_mla_gpu import supports
-  fits = supports(kv.shape[-1], k_pe.shape[-1])
-  backend = _dsa_backend("sparse_mla", impl, gpu_kernel=fits and (impl == "pallas" or q_lat.dtype != jnp.float32))
+  backend = _sparse_mla_backend(q_lat.dtype, kv.shape[-1], k_pe.shape[-1], impl)
   if backend == "gpu":
     from pallas_kernels.sparse_mla_gpu import sparse_mla_gpu
     return sparse_mla_gpu(q_lat, q_pe, kv, k_pe, idx, scale, **({"config": config} if config else {}),

@@ -60,13 +60,11 @@ class SparseMlaGpuConfig:
         raise ValueError(f"SparseMlaGpuConfig.{name} = {v} must be a power of two >= 16")
 
 
-# Measured on an H100 (BENCHMARKS.md, sparse MLA): in decode (a query a sequence) 32/64/4/2 is 1.0-1.4x
-# faster than 64/64/8/2 at batch 32-128; in prefill 64/64/8/2 with a query's two head blocks launched side
-# by side is the best tiling (1.05x 32/64/4/2 at 4K, 1.17x at 128K, where the rows no longer fit L2).
-# From an FP8 cache 64/64/8/2 is 2.1x faster at batch 32 (twice the heads share each dequantised tile).
-DEFAULT_CONFIG = SparseMlaGpuConfig()
-PREFILL_CONFIG = SparseMlaGpuConfig(block_h=64, block_k=64, num_warps=8, num_stages=2, heads_inner=True)
-PREFILL_QUERIES = 256  # at least this many queries (batch x sequence) take PREFILL_CONFIG by default
+# Measured on an H100 (BENCHMARKS.md, sparse MLA): 32/64/4 with 4 pipeline stages and a query's head blocks
+# side by side is the best bf16 tiling in prefill (221 TFLOP/s at 4K and 128K; 2 stages: 209 / 171) and
+# in decode at batch 128 (0.49 ms; 32/64/4/2 0.67). From an FP8 cache 64/64/8/2 is 2.1x faster than
+# 32/64/4/2 at batch 32 (twice the heads share each dequantised tile).
+DEFAULT_CONFIG = SparseMlaGpuConfig(block_h=32, block_k=64, num_warps=4, num_stages=4, heads_inner=True)
 FP8_CACHE_CONFIG = SparseMlaGpuConfig(block_h=64, block_k=64, num_warps=8, num_stages=2)
 
 
@@ -91,8 +89,8 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
   An FP8 latent cache (FlashMLA's 656 bytes a token: 512 e4m3 + 4 float32 scales + 64 bf16 rope) is
   ``kv`` in e4m3 with ``kv_scale`` [B, T, 512/128]: each gathered tile is dequantised in the kernel.
   The release rounds the latent through e4m3 with per-128 scales before caching, so this cache holds
-  exactly the values of the bf16 one. config: None takes FP8_CACHE_CONFIG for an e4m3 cache, else
-  PREFILL_CONFIG from PREFILL_QUERIES queries on, else DEFAULT_CONFIG. Float32 operands are multiplied in full float32 (not TF32), for exact comparisons.
+  exactly the values of the bf16 one. config: None takes DEFAULT_CONFIG, or FP8_CACHE_CONFIG for an
+  e4m3 cache. Float32 operands are multiplied in full float32 (not TF32), for exact comparisons.
   """
   b, s, h, c = q_lat.shape
   r, t, k = q_pe.shape[-1], kv.shape[1], idx.shape[-1]
@@ -108,7 +106,7 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
   if fp8 and (kv_scale.shape[:2] != (b, t) or c % kv_scale.shape[2]):
     raise ValueError(f"sparse_mla_gpu: kv_scale {kv_scale.shape} must be [B, T, groups] with {c} divisible by groups")
   group = c // kv_scale.shape[2] if fp8 else c
-  config = config or (FP8_CACHE_CONFIG if fp8 else PREFILL_CONFIG if b * s >= PREFILL_QUERIES else DEFAULT_CONFIG)
+  config = config or (FP8_CACHE_CONFIG if fp8 else DEFAULT_CONFIG)
   precision = lax.Precision.HIGHEST if q_lat.dtype == jnp.float32 else None  # Triton's default is TF32
   dot = functools.partial(jnp.dot, precision=precision, preferred_element_type=jnp.float32)
   bh, bk = min(config.block_h, max(16, 1 << (h - 1).bit_length())), config.block_k
@@ -184,6 +182,7 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
       grid=(n_hb, b * s, splits) if config.heads_inner else (b * s, n_hb, splits),
       compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
       interpret=interpret,
+      name="sparse_mla_gpu",
   )(live_tiles, idx, q_lat, q_pe, kv, k_pe, *((kv_scale.astype(jnp.float32),) if fp8 else ()))
   if splits > 1:  # merge the partial softmaxes: weights exp(lse_i - lse)
     total = jax.nn.logsumexp(lse, axis=2, keepdims=True)

@@ -301,5 +301,6 @@ def topk_candidates_kernel(logits: Float[Array, "r t"], lengths: Int[Array, "r"]
       grid=(r,),
       compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
       interpret=interpret,
+      name="topk_gpu",
   )(lengths.astype(jnp.int32), seg_log2, logits)[:2]
   return idx[:, :k], overflow

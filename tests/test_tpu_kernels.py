@@ -245,6 +245,10 @@ def test_dispatch_picks_reference_or_interpreted_tpu_kernels(rng):
   assert rel_err(dispatch.sparse_mla(*args, 0.2, impl="pallas", config=blocks), ref_o) < 1e-5
   with pytest.raises(ValueError, match="impl"):
     dispatch.topk(jnp.asarray(logits), 24, impl="triton")
+  q8, k8 = jnp.zeros((1, 4, 8, 32), jnp.float8_e4m3fn), jnp.zeros((1, 16, 32), jnp.float8_e4m3fn)
+  assert not dispatch.gathered_dsa_runs_kernels(q8, k8, jnp.bfloat16, 512, 64, impl="auto")  # CPU: reference
+  assert dispatch.gathered_dsa_runs_kernels(q8, k8, jnp.bfloat16, 512, 64, impl="pallas")    # interpreted TPU
+  assert not dispatch.gathered_dsa_runs_kernels(q8, k8, jnp.bfloat16, 512, 64, impl="reference")
 
 
 @pytest.mark.slow
@@ -254,7 +258,9 @@ def test_attention_layer_with_tpu_kernels_equals_reference(tiny_cfg, tiny_params
   cfg, b, s, max_len = tiny_cfg, 2, 24, 40          # 24 and 40 > index_topk = 16: the indexer selects
   p = jax.tree.map(lambda a: a[0], tiny_params_bf16["moe_layers"])
   x = rms_norm(jnp.asarray(rng.standard_normal((b, s + 1, cfg.dim)), jnp.float32), p["attn_norm"], cfg.norm_eps)
-  opts = RunOptions(dtype="float32", prefill_attention="absorbed", prefill_selection="gather", query_chunk=16)
+  # the reference scores 8 queries a block; the kernels, which hold no per-head scores, 16
+  opts = RunOptions(dtype="float32", prefill_attention="absorbed", prefill_selection="gather", query_chunk=8,
+                    kernel_query_chunk=16)
 
   @functools.partial(jax.jit, static_argnames="kernels")
   def run(kernels):

@@ -57,7 +57,7 @@ def main():
   ap.add_argument("--out")
   ap.add_argument("--context", type=int, default=131072)
   # Default: the kernel's prefill and decode tilings, each with the searches' early stop and without.
-  ap.add_argument("--configs", nargs="*", default=["2048,8,1", "2048,8,1,1,full", "8192,16,1", "8192,16,1,1,full"],
+  ap.add_argument("--configs", nargs="*", default=["2048,4,1", "2048,4,1,1,full", "8192,16,1", "8192,16,1,1,full"],
                   help="block,warps,stages[,search_bits[,full]] per config")
   args = ap.parse_args()
   print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}", flush=True)

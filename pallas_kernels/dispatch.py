@@ -162,7 +162,8 @@ def _sparse_mla_backend(q_lat_dtype, c: int, r: int, impl: str) -> str:
   # batch 1-128 (BENCHMARKS.md, sparse MLA), so "auto" takes it wherever its Triton blocks fit the dims,
   # in bf16 (float32 runs are exact comparisons: "auto" keeps the reference for them, "pallas" forces it).
   from pallas_kernels.sparse_mla_gpu import supports
-  return _dsa_backend("sparse_mla", impl, gpu_kernel=supports(c, r) and (impl == "pallas" or q_lat_dtype != jnp.float32))
+  in_bf16 = impl == "pallas" or q_lat_dtype != jnp.float32
+  return _dsa_backend("sparse_mla", impl, gpu_kernel=supports(c, r) and in_bf16)
 
 
 def gathered_dsa_runs_kernels(index_q, index_k, q_lat_dtype, c: int, r: int, impl: str = "auto") -> bool:

@@ -100,7 +100,7 @@ def test_topk_kernel_equals_the_reference_in_interpret_mode(rng, rows, t, k, tie
 def test_threshold_search_stops_early_with_a_threshold_that_serves(rng):
   """The early stop returns a key that at least k keys reach and that meets the stop condition, below
   the exact k-th largest (so it did stop early); without a condition, the exact k-th largest."""
-  keys = topk_gpu_module.ordered_key(jnp.asarray(rng.standard_normal(8192), jnp.float32))
+  keys = ordered_key(jnp.asarray(rng.standard_normal(8192), jnp.float32))
   k = 2048
   count = lambda t: jnp.sum((keys >= t).astype(jnp.int32))
   exact = int(topk_gpu_module._kth_largest_key(count, k))

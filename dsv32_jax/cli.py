@@ -76,6 +76,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                       "the same values as the default bf16 cache in 57%% of its bytes; needs --latent-quant fp8")
   p.add_argument("--kernels", choices=["auto", "reference", "pallas"], default="auto",
                  help="Pallas kernels where the backend has them (auto), or the plain-JAX reference")
+  p.add_argument("--prefill-form", choices=["official", "gathered"], default="official",
+                 help="prefill attention: the official MHA form with the top-k as a score mask (default), or "
+                      "MLA in the latent over each query's gathered top-k rows -- the sparse MLA kernels, what a "
+                      "long prompt wants on a GPU (the same attention up to rounding)")
 
 
 def _run_options(args):
@@ -84,8 +88,11 @@ def _run_options(args):
   from dsv32_jax.options import RunOptions
   if args.dtype == "float32":
     jax.config.update("jax_default_matmul_precision", "highest")
-  return RunOptions(dtype=args.dtype, indexer_quant=args.indexer_quant, latent_quant=args.latent_quant,
+  opts = RunOptions(dtype=args.dtype, indexer_quant=args.indexer_quant, latent_quant=args.latent_quant,
                     fp8_latent_cache=args.fp8_cache, kernels=args.kernels)
+  if args.prefill_form == "gathered":
+    opts = opts.replace(prefill_attention="absorbed", prefill_selection="gather")
+  return opts
 
 
 def cmd_init_random(args) -> None:

@@ -56,6 +56,22 @@ def test_init_random_convert_logits(converted, rng):
 
 
 @pytest.mark.slow
+def test_gathered_prefill_form_through_the_cli(tmp_path, rng):
+  """--prefill-form gathered (MLA in the latent over the gathered top-k rows: the sparse MLA kernels'
+  form) gives the official form's logits. Checked exactly: bf16 weights, no FP8 simulations (with FP8
+  weights every linear re-quantises its input to e4m3, and 1e-7 differences flip roundings)."""
+  dsv32("init-random", "--preset", "tiny", "--seed", 3, "--bf16", tmp_path / "hf")
+  dsv32("convert", tmp_path / "hf", tmp_path / "ckpt", "--weights", "bf16", "--quiet")
+  cfg, _ = load_checkpoint(tmp_path / "ckpt")
+  np.save(tmp_path / "tokens.npy", rng.integers(0, cfg.vocab_size, (2, 45)).astype(np.int32))  # 45 > index_topk
+  exact = ("--dtype", "float32", "--indexer-quant", "none", "--latent-quant", "none")
+  for form in ("official", "gathered"):
+    dsv32("logits", tmp_path / "ckpt", "--tokens", tmp_path / "tokens.npy", "--out", tmp_path / f"{form}.npy",
+          *exact, "--prefill-form", form)
+  assert rel_err(np.load(tmp_path / "gathered.npy"), np.load(tmp_path / "official.npy")) < 1e-5
+
+
+@pytest.mark.slow
 def test_generate_prints_tokens_and_speed(converted):
   out = dsv32("generate", converted / "ckpt", "--prompt-tokens", ",".join(map(str, range(2, 40))),
               "--prompt-tokens", "5,6,7", "--max-new-tokens", 5)

@@ -68,12 +68,9 @@ def dense_attention(p: dict, cfg, opts: RunOptions, x, cos, sin):
   q_nope, q_pe, _ = mla.project_queries(p, cfg, x, cos, sin)
   c, k_pe = mla.project_latent(p, cfg, x, cos, sin, opts.latent_quant)
   k_nope, v = mla.expand_keys(p, cfg, c)
-  q = jnp.concatenate([q_nope, q_pe], axis=-1)
-  k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3], k_pe.shape[-1]))], -1)
-  v_padded = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - v.shape[-1])))  # cuDNN: equal head dims
   on_gpu = jax.devices()[0].platform == "gpu"
-  o = jax.nn.dot_product_attention(q, k, v_padded, scale=cfg.softmax_scale, is_causal=True,
-                                   implementation="cudnn" if on_gpu else None)[..., :v.shape[-1]]
+  o = mla.fused_naive_attention(cfg, q_nope, q_pe, k_nope, v, k_pe, None, is_causal=True,
+                                implementation="cudnn" if on_gpu else None)
   return linear(p["wo"], o.reshape(b, s, -1))
 
 
@@ -86,9 +83,10 @@ def main(argv=None):
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--fp8", action="store_true", help="FP8 e4m3 linear weights with block scales")
   ap.add_argument("--kernels", default="auto", choices=["auto", "reference", "pallas"])
-  ap.add_argument("--prefill-form", default="naive-mask", choices=["naive-mask", "absorbed-gather"],
-                  help="the official MHA form with the top-k set as a score mask, or the latent (MQA) form "
-                       "over the gathered top-k rows")
+  ap.add_argument("--prefill-form", default="auto", choices=["auto", "naive-mask", "absorbed-gather"],
+                  help="the official MHA form with the top-k set as a score mask (cuDNN on a GPU), the latent "
+                       "(MQA) form over the gathered top-k rows, or the model's default choice by length (auto: "
+                       "RunOptions.gathered_prefill_from)")
   ap.add_argument("--query-chunk", type=int, help="RunOptions.query_chunk: queries per block in prefill")
   ap.add_argument("--skip-parts", action="store_true", help="time only whole layers")
   ap.add_argument("--attention-only", action="store_true", help="time only the attention part of prefill")
@@ -101,6 +99,8 @@ def main(argv=None):
   opts = RunOptions(kernels=args.kernels)
   if args.prefill_form == "absorbed-gather":
     opts = opts.replace(prefill_attention="absorbed", prefill_selection="gather")
+  elif args.prefill_form == "naive-mask":
+    opts = opts.replace(gathered_prefill_from=None)
   if args.query_chunk:
     opts = opts.replace(query_chunk=args.query_chunk)
   dtype = opts.jnp_dtype

@@ -8,6 +8,11 @@ the DSA kernels score and attend over gathered rows: they hold no per-head score
 
 With ``kv_len <= index_topk`` the indexer would select every visible key, so DSA equals dense causal
 attention exactly and the selection is skipped (the indexer keys are still cached).
+
+Which form attends: ``RunOptions.prefill_attention`` / ``prefill_selection`` (default: the official MHA
+form, top-k as a mask; on a GPU through cuDNN's fused attention, ``fused_naive_attention_blocks``), except
+that a prefill over more than ``RunOptions.gathered_prefill_from`` keys takes the latent form over the
+gathered top-k rows when the DSA kernels run on them; decode: ``decode_attention`` / ``decode_selection``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,43 @@ def map_query_blocks(fn, block: int, *arrays):
   return jax.tree.map(merge, jax.lax.map(lambda xs: fn(*xs), tuple(split(a) for a in arrays)))
 
 
+FUSED_MASK_ELEMENTS = 1 << 30  # queries x keys of one block's mask in the fused MHA form (1 GiB of booleans)
+
+
+def fused_naive_attention_blocks(cfg: ModelConfig, implementation: str, q_nope: Float[Array, "b s h n"], q_pe,
+                                 k_nope: Float[Array, "b t h n"], v, k_pe, positions: Int[Array, "b s"],
+                                 idx: Int[Array, "b s k"] | None, *, fresh: bool) -> Float[Array, "b s h v"]:
+  """The MHA form through ``mla.fused_naive_attention`` over blocks of queries (at most
+  ``FUSED_MASK_ELEMENTS`` mask entries a block), each masked to its visible keys and, given ``idx``, to
+  its top-k set.
+
+  fresh: the queries are slots 0 .. s-1 of a prefill from position 0 (kv_len == s); then a block sees
+  only the keys up to its last query, and the first block (square) is causal for cuDNN, which skips the
+  tiles above its diagonal (a first block of the index_topk queries that need no mask, split off the
+  rest, measured slower on an H100: the rest then loses the causal skip). Otherwise every block reads
+  all kv_len keys.
+  """
+  b, s = positions.shape
+  t = k_nope.shape[1]
+  block = max(1, min(s, FUSED_MASK_ELEMENTS // (b * t)))
+  outputs = []
+  for lo in range(0, s, block):
+    hi = min(s, lo + block)
+    keys_end = hi if fresh else t
+    pos = positions[:, lo:hi]
+    causal = fresh and lo == 0
+    if causal and (idx is None or hi <= cfg.index_topk):
+      allowed = None  # causal is the whole mask: every visible key is selected
+    else:
+      allowed = jnp.arange(keys_end)[None, None, :] <= pos[:, :, None]
+      if idx is not None:
+        allowed = allowed & selection_mask(idx[:, lo:hi], keys_end)
+    outputs.append(mla.fused_naive_attention(
+        cfg, q_nope[:, lo:hi], q_pe[:, lo:hi], k_nope[:, :keys_end], v[:, :keys_end], k_pe[:, :keys_end], allowed,
+        is_causal=causal, implementation=implementation))
+  return jnp.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
+
+
 def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s d"], cache: cache_lib.LayerCache,
               layer: Int[Array, ""], start: Int[Array, "b"], kv_len: int, cos, sin):
   """Returns (output [B,S,D], cache with this layer's new slots written, top-k indices [B,S,k] or None).
@@ -73,16 +115,20 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   index_k, index_k_scale = indexer.indexer_keys(p["indexer"], cfg, x, cos, sin, opts.indexer_quant)
   cache = cache_lib.write(cache, layer, start, cache_lib.new_entries(cache, c, k_pe, index_k, index_k_scale))
   keys = cache_lib.read(cache, layer, kv_len)
-  # The latent in the activation dtype (dequantised from an e4m3 cache) for the forms that read every
-  # row; the gathered form takes the e4m3 rows and dequantises only the selected ones.
-  fp8_rows = keys.latent_fp8 and form == "absorbed" and gather
-  kv = keys.kv if fp8_rows else cache_lib.latent(keys, x.dtype)
 
   select = kv_len > cfg.index_topk
   if select:
     index_q, index_w = indexer.indexer_queries(p["indexer"], cfg, x, qr, cos, sin, opts.indexer_quant)
   else:  # placeholders of the right batch/query shape; unused
     index_q, index_w = jnp.zeros((b, s, 1, 1), x.dtype), jnp.zeros((b, s, 1), jnp.float32)
+  if (not decode and select and not gather and opts.gathered_prefill_from is not None
+      and kv_len > opts.gathered_prefill_from and dispatch.gathered_dsa_runs_kernels(
+          index_q, keys.index_k, x.dtype, cfg.kv_lora_rank, cfg.qk_rope_head_dim, opts.kernels)):
+    form, gather = "absorbed", True  # a long prompt: the sparse MLA kernels over the gathered rows
+  # The latent in the activation dtype (dequantised from an e4m3 cache) for the forms that read every
+  # row; the gathered form takes the e4m3 rows and dequantises only the selected ones.
+  fp8_rows = keys.latent_fp8 and form == "absorbed" and gather
+  kv = keys.kv if fp8_rows else cache_lib.latent(keys, x.dtype)
   if form == "naive":
     k_nope, v = mla.expand_keys(p, cfg, kv)
     q_main = q_nope
@@ -91,14 +137,29 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   positions = start[:, None] + jnp.arange(s, dtype=start.dtype)
   key_pos = jnp.arange(kv_len)
 
+  def select_keys(index_q, index_w, pos):
+    # reference: indexer.index_logits / select_topk; the GPU and TPU kernels via the dispatch
+    logits = dispatch.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, pos, impl=opts.kernels)
+    # keys past pos are -inf; per sequence under a sharding plan (XLA would replicate top-k over a split batch)
+    return opts.per_sequence(lambda scores, n: dispatch.topk(scores, cfg.index_topk, n, impl=opts.kernels))(
+        logits, pos + 1)
+
+  fused = dispatch.fused_mha_implementation(q_main.dtype, cfg.qk_head_dim, opts.kernels) if form == "naive" else None
+  if fused:  # the official form through cuDNN's flash attention: select for every query first, then attend
+    idx = None
+    if select:
+      block = (opts.kernel_query_chunk if dispatch.index_logits_runs_kernel(index_q, keys.index_k, opts.kernels)
+               else opts.query_chunk)
+      idx = map_query_blocks(select_keys, block, index_q, index_w, positions)
+    o = fused_naive_attention_blocks(cfg, fused, q_main, q_pe, k_nope, v, keys.k_pe, positions, idx,
+                                     fresh=kv_len == s)
+    return linear(p["wo"], o.reshape(b, s, -1)), cache, idx
+
   def attend(q_main, q_pe, index_q, index_w, pos):
     visible = key_pos[None, None, :] <= pos[:, :, None]
     idx = None
-    if select:  # reference: indexer.index_logits / select_topk; the GPU and TPU kernels via the dispatch
-      logits = dispatch.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, pos, impl=opts.kernels)
-      # keys past pos are -inf; per sequence under a sharding plan (XLA would replicate top-k over a split batch)
-      idx = opts.per_sequence(lambda scores, n: dispatch.topk(scores, cfg.index_topk, n, impl=opts.kernels))(
-          logits, pos + 1)
+    if select:
+      idx = select_keys(index_q, index_w, pos)
       if not gather:
         visible = visible & selection_mask(idx, kv_len)
     if form == "naive":

@@ -76,10 +76,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                       "the same values as the default bf16 cache in 57%% of its bytes; needs --latent-quant fp8")
   p.add_argument("--kernels", choices=["auto", "reference", "pallas"], default="auto",
                  help="Pallas kernels where the backend has them (auto), or the plain-JAX reference")
-  p.add_argument("--prefill-form", choices=["official", "gathered"], default="official",
-                 help="prefill attention: the official MHA form with the top-k as a score mask (default), or "
-                      "MLA in the latent over each query's gathered top-k rows -- the sparse MLA kernels, what a "
-                      "long prompt wants on a GPU (the same attention up to rounding)")
+  p.add_argument("--prefill-form", choices=["auto", "official", "gathered"], default="auto",
+                 help="prefill attention: the official MHA form with the top-k as a score mask (on a GPU through "
+                      "cuDNN), or MLA in the latent over each query's gathered top-k rows -- the sparse MLA "
+                      "kernels, what a long prompt wants on a GPU (the same attention up to rounding); auto "
+                      "(default): official up to 4096 keys, gathered beyond where the DSA kernels run")
 
 
 def _run_options(args):
@@ -92,6 +93,8 @@ def _run_options(args):
                     fp8_latent_cache=args.fp8_cache, kernels=args.kernels)
   if args.prefill_form == "gathered":
     opts = opts.replace(prefill_attention="absorbed", prefill_selection="gather")
+  elif args.prefill_form == "official":
+    opts = opts.replace(gathered_prefill_from=None)
   return opts
 
 

@@ -72,6 +72,14 @@ def expand_keys(p: dict, cfg: ModelConfig, c: Float[Array, "b t c"]) -> tuple[Fl
   return k_nope, v
 
 
+def mha_queries_keys(q_nope: Float[Array, "b s h n"], q_pe: Float[Array, "b s h r"], k_nope: Float[Array, "b t h n"],
+                     k_pe: Float[Array, "b t r"]) -> tuple[Float[Array, "b s h d"], Float[Array, "b t h d"]]:
+  """The MHA form's per-head queries [q_nope | q_pe] and keys [k_nope | k_pe] (one rope key for all heads)."""
+  q = jnp.concatenate([q_nope, q_pe], axis=-1)
+  k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3], k_pe.shape[-1]))], -1)
+  return q, k
+
+
 def naive_attention_probs(cfg: ModelConfig, q_nope, q_pe, k_nope: Float[Array, "b t h n"], k_pe: Float[Array, "b t r"],
                           allowed: Bool[Array, "b s t"]) -> Float[Array, "b s h t"]:
   """The attention probabilities of the MHA form, softmax(q . [k_nope | k_pe] * scale) over the allowed keys.
@@ -79,8 +87,7 @@ def naive_attention_probs(cfg: ModelConfig, q_nope, q_pe, k_nope: Float[Array, "
   Exposed for indexer training (``train/``), whose target is these probabilities summed over heads.
   """
   dtype = q_nope.dtype
-  q = jnp.concatenate([q_nope, q_pe], axis=-1)
-  k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None, :], (*k_nope.shape[:3], cfg.qk_rope_head_dim))], -1)
+  q, k = mha_queries_keys(q_nope, q_pe, k_nope, k_pe)
   scores = (_mm("bshd,bthd->bsht", q, k, dtype) * cfg.softmax_scale).astype(dtype)
   return _softmax(scores, allowed[:, :, None, :], dtype)
 
@@ -90,6 +97,23 @@ def naive_attention(cfg: ModelConfig, q_nope, q_pe, k_nope: Float[Array, "b t h 
   """MHA form (official prefill): softmax(q . [k_nope | k_pe] * scale) v with per-head keys and values."""
   probs = naive_attention_probs(cfg, q_nope, q_pe, k_nope, k_pe, allowed)
   return _mm("bsht,bthd->bshd", probs, v, q_nope.dtype)
+
+
+def fused_naive_attention(cfg: ModelConfig, q_nope, q_pe, k_nope: Float[Array, "b t h n"], v: Float[Array, "b t h v"],
+                          k_pe: Float[Array, "b t r"], allowed: Bool[Array, "b s t"] | None, *, is_causal: bool,
+                          implementation: str | None = None) -> Float[Array, "b s h v"]:
+  """``naive_attention`` through ``jax.nn.dot_product_attention`` (``implementation="cudnn"``: cuDNN's fused
+  flash attention on a GPU; None: XLA). v is zero-padded to the q/k head dim (cuDNN takes equal head dims,
+  and the padded output columns are sliced off); ``allowed`` becomes the mask (None: every key), and
+  ``is_causal`` adds query t <= key t with queries and keys both starting at slot 0, which lets cuDNN skip
+  the tiles above the diagonal. No [queries, heads, keys] scores are materialised.
+  """
+  q, k = mha_queries_keys(q_nope, q_pe, k_nope, k_pe)
+  v_padded = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, q.shape[-1] - v.shape[-1])))
+  mask = None if allowed is None else allowed[:, None]  # [B, 1, S, T]: one mask for every head
+  o = jax.nn.dot_product_attention(q, k, v_padded, mask=mask, scale=cfg.softmax_scale, is_causal=is_causal,
+                                   implementation=implementation)
+  return o[..., :v.shape[-1]]
 
 
 def absorb_query(p: dict, cfg: ModelConfig, q_nope: Float[Array, "b s h n"]) -> Float[Array, "b s h c"]:

@@ -31,6 +31,11 @@ class RunOptions:
                                             # run: a block then holds only its [queries, keys] float32
                                             # logits (1 GiB at 2048 x 128K); 256-query blocks made the
                                             # 128K layer 1.24x slower on an H100 (BENCHMARKS.md)
+  gathered_prefill_from: int | None = 4096  # a prefill over more keys than this takes the latent form over the
+                                            # gathered top-k rows whenever the DSA kernels run on them (GPU,
+                                            # TPU): on an H100 it passes the official form (through cuDNN, the
+                                            # top-k set as a mask) between 4K and 8K keys (BENCHMARKS.md);
+                                            # None keeps prefill_attention / prefill_selection at every length
   kernels: str = "auto"                     # "auto" | "reference" | "pallas": see pallas_kernels.dispatch
   sharding: Any = None                      # a sharding.ShardingPlan (mesh + logical-axis rules + expert
                                             # parallelism); None runs unsharded, the reference path
@@ -51,8 +56,8 @@ class RunOptions:
     if self.fp8_latent_cache and not self.latent_quant:
       raise ValueError("RunOptions.fp8_latent_cache needs latent_quant=True: the e4m3 cache holds the latent "
                        "rounded through FP8, it does not round it")
-    for name in ("query_chunk", "kernel_query_chunk"):
-      if getattr(self, name) <= 0:
+    for name in ("query_chunk", "kernel_query_chunk", "gathered_prefill_from"):
+      if getattr(self, name) is not None and getattr(self, name) <= 0:
         raise ValueError(f"RunOptions.{name} = {getattr(self, name)} must be positive")
     if self.kernels not in ("auto", "reference", "pallas"):
       raise ValueError(f"RunOptions.kernels = {self.kernels!r}: expected 'auto', 'reference' or 'pallas'")

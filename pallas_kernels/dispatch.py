@@ -121,6 +121,24 @@ def fp8_experts_backend(impl: str, fp8_weights: bool, dims: tuple[int, ...]) -> 
   return "interpret" if impl == "pallas" else None
 
 
+# --- Dense attention in MLA's MHA form (the official prefill) -------------------------------------
+
+
+def fused_mha_implementation(dtype, head_dim: int, impl: str = "auto") -> str | None:
+  """The ``jax.nn.dot_product_attention`` implementation for the official prefill's MHA form (keys and
+  values per head, the top-k set as a mask), or None for the reference's einsums and softmax.
+
+  On a GPU ``"auto"`` (and ``"pallas"``: there is no Pallas kernel for dense attention) takes cuDNN's
+  fused flash attention in bf16 / fp16 for head dims it supports; float32 runs stay on the reference
+  (exact comparisons). cuDNN reads the mask as a bias but never materialises [queries, heads, keys].
+  """
+  _check_impl(impl)
+  cudnn_dtype = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if impl != "reference" and on_gpu() and cudnn_dtype and head_dim % 8 == 0 and head_dim <= 256:
+    return "cudnn"
+  return None
+
+
 # --- DeepSeek Sparse Attention: lightning-indexer logits, top-k selection, sparse MLA ------------
 
 
@@ -166,13 +184,19 @@ def _sparse_mla_backend(q_lat_dtype, c: int, r: int, impl: str) -> str:
   return _dsa_backend("sparse_mla", impl, gpu_kernel=supports(c, r) and in_bf16)
 
 
+def index_logits_runs_kernel(index_q, index_k, impl: str = "auto") -> bool:
+  """Whether ``index_logits`` runs a kernel for these operands: a block of queries then holds only its
+  float32 [queries, keys] logits (the reference holds [queries, heads, keys])."""
+  return _index_logits_backend(index_q, index_k, impl) != "reference"
+
+
 def gathered_dsa_runs_kernels(index_q, index_k, q_lat_dtype, c: int, r: int, impl: str = "auto") -> bool:
   """Whether the indexer logits and the sparse MLA both run kernels for these operands (GPU or TPU).
 
   Then a block of queries holds no [queries, heads, keys] intermediate -- only its float32 logits
   [queries, keys] -- so the model can score and attend in larger blocks (``RunOptions.kernel_query_chunk``).
   """
-  return (_index_logits_backend(index_q, index_k, impl) != "reference"
+  return (index_logits_runs_kernel(index_q, index_k, impl)
           and _sparse_mla_backend(q_lat_dtype, c, r, impl) != "reference")
 
 

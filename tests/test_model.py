@@ -142,6 +142,88 @@ def test_dsa_equals_dense_causal_attention_within_index_topk(tiny_cfg, tiny_para
   assert (np.where(valid, np.asarray(idx), 0) <= np.arange(s)[None, :, None]).all()  # causal
 
 
+@pytest.mark.parametrize("blocks", [1, 5])
+def test_fused_mha_form_equals_the_reference(tiny_cfg, tiny_params_bf16, rng, monkeypatch, blocks):
+  """The official form through ``jax.nn.dot_product_attention`` (cuDNN on a GPU; XLA's here, forced),
+  in query blocks that read the keys only up to their last query, equals the reference's masked einsums:
+  a prefill that selects (40 > index_topk), one that does not (12), and a prefill continued from slot 20."""
+  import dsv32_jax.attention as attention_module
+  from pallas_kernels import dispatch
+  p = jax.tree.map(lambda a: a[0], tiny_params_bf16["moe_layers"])["attn"]
+  x = jnp.asarray(rng.standard_normal((2, 40, tiny_cfg.dim)), jnp.float32)
+
+  def run(first: int, last: int, cache=None):
+    cos, sin = rope_angles(tiny_cfg, jnp.broadcast_to(jnp.arange(first, last), (2, last - first)))
+    cache = cache or cache_lib.init_cache(tiny_cfg, 1, 2, 40, jnp.float32, False)
+    return attention(p, tiny_cfg, EXACT_F32, x[:, first:last], cache, jnp.int32(0), jnp.full(2, first, jnp.int32),
+                     last, cos, sin)
+
+  def all_cases():
+    prefill, _, idx = run(0, 40)
+    short, _, no_idx = run(0, 12)
+    _, cache, _ = run(0, 20)
+    continued, _, idx_continued = run(20, 40, cache)
+    return prefill, idx, short, no_idx, continued, idx_continued
+
+  want = all_cases()
+  monkeypatch.setattr(dispatch, "fused_mha_implementation", lambda *a, **k: "xla")
+  monkeypatch.setattr(attention_module, "FUSED_MASK_ELEMENTS", 2 * 40 * -(-40 // blocks))
+  got = all_cases()
+  assert got[3] is None and want[3] is None
+  for g, w in zip(got[::2], want[::2]):
+    assert rel_err(g, w) < 1e-5
+  np.testing.assert_array_equal(np.sort(got[1], -1), np.sort(want[1], -1))
+  np.testing.assert_array_equal(np.sort(got[5], -1), np.sort(want[5], -1))
+
+
+def test_long_prefills_take_the_gathered_form_where_the_kernels_run(tiny_cfg, tiny_params_bf16, rng, monkeypatch):
+  """RunOptions.gathered_prefill_from: a prefill over more keys than that takes the latent form over the
+  gathered rows when the DSA kernels run on them (forced here; the reference attends); a shorter one, or
+  one where the kernels do not run, keeps the configured (official) form."""
+  from pallas_kernels import dispatch
+  p = jax.tree.map(lambda a: a[0], tiny_params_bf16["moe_layers"])["attn"]
+  x = jnp.asarray(rng.standard_normal((2, 40, tiny_cfg.dim)), jnp.bfloat16)
+  official = RunOptions(gathered_prefill_from=30)
+  gathered = official.replace(prefill_attention="absorbed", prefill_selection="gather")
+
+  def run(opts, s):
+    cos, sin = rope_angles(tiny_cfg, jnp.broadcast_to(jnp.arange(s), (2, s)))
+    cache = cache_lib.init_cache(tiny_cfg, 1, 2, s, jnp.bfloat16)
+    return np.asarray(attention(p, tiny_cfg, opts, x[:, :s], cache, jnp.int32(0), jnp.zeros(2, jnp.int32), s,
+                                cos, sin)[0].astype(jnp.float32))
+
+  assert rel_err(run(gathered, 40), run(official, 40)) > 1e-3  # the forms differ by bf16 rounding
+  np.testing.assert_array_equal(run(official, 40), run(official.replace(gathered_prefill_from=None), 40))
+  monkeypatch.setattr(dispatch, "gathered_dsa_runs_kernels", lambda *a, **k: True)
+  np.testing.assert_array_equal(run(official, 40), run(gathered, 40))                 # 40 keys > 30
+  np.testing.assert_array_equal(run(official, 24), run(official.replace(gathered_prefill_from=None), 24))
+  with pytest.raises(ValueError, match="gathered_prefill_from"):
+    RunOptions(gathered_prefill_from=0)
+
+
+@pytest.mark.gpu
+def test_official_form_runs_through_cudnn_on_gpu(tiny_cfg, tiny_params_bf16, rng):
+  """On a GPU the official form in bf16 takes cuDNN's fused attention; against the bf16 reference's masked
+  einsums (same selections: the float indexer and an exact top-k) the layer differs by bf16 rounding only."""
+  from pallas_kernels import dispatch
+  assert dispatch.fused_mha_implementation(jnp.bfloat16, tiny_cfg.qk_head_dim) == "cudnn"
+  p = jax.tree.map(lambda a: a[0], tiny_params_bf16["moe_layers"])["attn"]
+  s = 300
+  x = jnp.asarray(rng.standard_normal((2, s, tiny_cfg.dim)), jnp.bfloat16)
+  cos, sin = rope_angles(tiny_cfg, jnp.broadcast_to(jnp.arange(s), (2, s)))
+
+  def run(kernels):
+    opts = RunOptions(indexer_quant=False, kernels=kernels)
+    cache = cache_lib.init_cache(tiny_cfg, 1, 2, s, jnp.bfloat16, False)
+    return jax.jit(lambda p, x, c: attention(p, tiny_cfg, opts, x, c, jnp.int32(0), jnp.zeros(2, jnp.int32), s,
+                                             cos, sin))(p, x, cache)
+
+  got, _, got_idx = run("auto")
+  want, _, want_idx = run("reference")
+  np.testing.assert_array_equal(np.sort(got_idx, -1), np.sort(want_idx, -1))
+  assert rel_err(got, want) < 1e-2
+
+
 def test_layer_benchmarks_dense_baseline_is_the_models_dense_attention(tiny_cfg, tiny_params_bf16, rng):
   """benchmarks/layer_671b.py's dense baseline (jax.nn.dot_product_attention) computes the model's attention
   with every key attended, so the DSA-vs-dense ratio compares the same layer."""

@@ -138,11 +138,17 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   key_pos = jnp.arange(kv_len)
 
   def select_keys(index_q, index_w, pos):
-    # reference: indexer.index_logits / select_topk; the GPU and TPU kernels via the dispatch
-    logits = dispatch.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, pos, impl=opts.kernels)
-    # keys past pos are -inf; per sequence under a sharding plan (XLA would replicate top-k over a split batch)
-    return opts.per_sequence(lambda scores, n: dispatch.topk(scores, cfg.index_topk, n, impl=opts.kernels))(
-        logits, pos + 1)
+    def scored():  # reference: indexer.index_logits / select_topk; the GPU and TPU kernels via the dispatch
+      logits = dispatch.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, pos, impl=opts.kernels)
+      # keys past pos are -inf; per sequence under a sharding plan (XLA would replicate top-k over a split batch)
+      return opts.per_sequence(lambda scores, n: dispatch.topk(scores, cfg.index_topk, n, impl=opts.kernels))(
+          logits, pos + 1)
+
+    def every_visible_key():  # a block whose queries see at most index_topk keys: all of them are the top k
+      slots = jnp.arange(cfg.index_topk, dtype=jnp.int32)
+      return jnp.where(slots[None, None, :] <= pos[:, :, None], slots, -1)
+
+    return jax.lax.cond(jnp.max(pos) < cfg.index_topk, every_visible_key, scored)
 
   fused = dispatch.fused_mha_implementation(q_main.dtype, cfg.qk_head_dim, opts.kernels) if form == "naive" else None
   if fused:  # the official form through cuDNN's flash attention: select for every query first, then attend

@@ -128,12 +128,16 @@ def test_dsa_equals_dense_causal_attention_within_index_topk(tiny_cfg, tiny_para
   cos, sin = rope_angles(tiny_cfg, jnp.broadcast_to(jnp.arange(s), (2, s)))
   start = jnp.zeros(2, jnp.int32)
 
-  def run(cfg):
+  def run(cfg, opts=EXACT_F32):
     cache = cache_lib.init_cache(cfg, 1, 2, s, jnp.float32, False)
-    return attention(p["attn"], cfg, EXACT_F32, x, cache, jnp.int32(0), start, s, cos, sin)
+    return attention(p["attn"], cfg, opts, x, cache, jnp.int32(0), start, s, cos, sin)
 
   sparse, _, idx = run(tiny_cfg)
   dense, _, no_idx = run(tiny_cfg.replace(index_topk=s))
+  # in 8-query blocks the first two (positions < k) skip the scoring: every visible key, the same sets
+  blocked, _, blocked_idx = run(tiny_cfg, EXACT_F32.replace(query_chunk=8))
+  np.testing.assert_array_equal(np.sort(blocked_idx, -1), np.sort(idx, -1))
+  assert rel_err(blocked, sparse) < 1e-6
   assert no_idx is None and idx.shape == (2, s, k)
   assert rel_err(sparse[:, :k], dense[:, :k]) < 1e-6     # rows 0..k-1 see <= k keys
   assert rel_err(sparse[:, k:], dense[:, k:]) > 1e-3     # later rows really are sparse

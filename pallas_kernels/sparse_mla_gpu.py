@@ -8,10 +8,15 @@ For every query t and head h, over the rows j that idx[t] selects (-1: an unused
 which is ``dsv32_jax.mla.sparse_attention_scaled`` (the reference) plus the log-sum-exp.
 
 Why Triton and not Mosaic GPU: the selected rows are scattered over the cache, one 1152-byte row at a
-time, and Hopper's TMA has no gather (Blackwell's has). In Mosaic GPU a one-row TMA copy cannot land in
-the 8-row swizzled tiles that wgmma reads (the slice is not tile-aligned), so each tile would need a
-staging copy and a register round trip; Pallas's Triton lowering gathers rows with per-thread loads
-straight into the layout its MMA wants. Revisit when Mosaic GPU exposes per-lane async copies.
+time, and Hopper's TMA has no gather (Blackwell's has). In Mosaic GPU (jax 0.11.2) a one-row TMA copy
+cannot land in the 8-row swizzled tiles that wgmma reads (``TilingTransform.commute_ndindexer`` asks
+slices of a tiled ref to be multiples of the tile), and its ``cp.async`` copies take no gather indices
+("Gather/scatter unsupported for the CP_ASYNC implementation", ``mosaic/gpu/launch_context.py``), so
+each tile would need a staging copy and a register round trip; Pallas's Triton lowering gathers rows
+with per-thread loads straight into the layout its MMA wants. What FlashMLA does instead -- a producer
+warpgroup issuing per-row async copies into swizzled tiles, two consumer warpgroups sharing each tile
+across 128 heads -- would need hand-written ``cp.async`` (``plgpu.inline_mgpu``) or per-row TMA into an
+untiled smem view re-read as wgmma tiles; neither is tried here.
 
 Work decomposition. A program owns one query, ``block_h`` heads (MLA's MQA form: every head reads the
 same rows, so a gathered tile serves all of them -- the FlashMLA lesson) and a contiguous share of the

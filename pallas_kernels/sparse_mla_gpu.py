@@ -7,16 +7,17 @@ For every query t and head h, over the rows j that idx[t] selects (-1: an unused
 
 which is ``dsv32_jax.mla.sparse_attention_scaled`` (the reference) plus the log-sum-exp.
 
-Why Triton and not Mosaic GPU: the selected rows are scattered over the cache, one 1152-byte row at a
-time, and Hopper's TMA has no gather (Blackwell's has). In Mosaic GPU (jax 0.11.2) a one-row TMA copy
-cannot land in the 8-row swizzled tiles that wgmma reads (``TilingTransform.commute_ndindexer`` asks
-slices of a tiled ref to be multiples of the tile), and its ``cp.async`` copies take no gather indices
-("Gather/scatter unsupported for the CP_ASYNC implementation", ``mosaic/gpu/launch_context.py``), so
-each tile would need a staging copy and a register round trip; Pallas's Triton lowering gathers rows
-with per-thread loads straight into the layout its MMA wants. What FlashMLA does instead -- a producer
-warpgroup issuing per-row async copies into swizzled tiles, two consumer warpgroups sharing each tile
-across 128 heads -- would need hand-written ``cp.async`` (``plgpu.inline_mgpu``) or per-row TMA into an
-untiled smem view re-read as wgmma tiles; neither is tried here.
+Why Triton and not (yet) Mosaic GPU: the selected rows are scattered over the cache, one 1152-byte row
+at a time, and Hopper's TMA has no gather (Blackwell's has). Pallas Mosaic GPU's own copies (jax 0.11.2)
+cannot gather either: a tiled smem ref takes only tile-aligned slices (``TilingTransform.commute_ndindexer``)
+and its ``cp.async`` path takes no indices ("Gather/scatter unsupported for the CP_ASYNC implementation",
+``mosaic/gpu/launch_context.py``); Pallas's Triton lowering gathers rows with per-thread loads into the
+layout its MMA wants. Two ways around both work on an H100 (``benchmarks/gather_rows_mgpu.py``): per-row
+TMA into a (1, 64)-tiled view aliased with the (8, 64) one wgmma reads is issue-bound at ~0.75 TB/s, but
+16-byte ``cp.async`` copies from all 128 threads of a warpgroup, written through ``plgpu.inline_mgpu``
+straight to their swizzled places, gather at 1.8 TB/s (2.8 from L2) unpipelined -- the base for a
+FlashMLA-style Mosaic GPU kernel (a producer warpgroup, consumer warpgroups sharing each tile over 128
+heads), not built yet.
 
 Work decomposition. A program owns one query, ``block_h`` heads (MLA's MQA form: every head reads the
 same rows, so a gathered tile serves all of them -- the FlashMLA lesson) and a contiguous share of the

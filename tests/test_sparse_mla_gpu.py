@@ -171,3 +171,25 @@ def test_row_gathers_for_wgmma_on_gpu(rng):
     idx = jnp.asarray(rng.integers(0, 4096, 64), jnp.int32)
     want = np.asarray(q, np.float32) @ np.asarray(kv, np.float32)[np.asarray(idx)].T
     assert rel_err(fn(kv, idx, q), want) < 1e-5
+
+
+def test_mosaic_gpu_kernel_lowers_for_hopper():
+  """The experimental Mosaic GPU sparse MLA kernel (cp.async producer + two wgmma consumers) lowers for an
+  H100 on the CPU (its inline cp.async code cannot run in interpret mode; the GPU test checks numerics)."""
+  from pallas_kernels.sparse_mla_mgpu import sparse_mla_mgpu
+  args = [jnp.zeros(shape, jnp.bfloat16) for shape in ((1, 3, 128, 512), (1, 3, 128, 64), (1, 300, 512), (1, 300, 64))]
+  idx = jnp.zeros((1, 3, 100), jnp.int32)
+  text = jax.jit(lambda *a: sparse_mla_mgpu(*a, idx, 0.1)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  with pytest.raises(TypeError, match="bf16"):
+    sparse_mla_mgpu(*(a.astype(jnp.float32) for a in args), idx, 0.1)
+
+
+@pytest.mark.gpu
+def test_mosaic_gpu_kernel_on_gpu(rng):
+  """Against the float32 reference: random rows with duplicates, short selections (-1 slots), two sequences."""
+  from pallas_kernels.sparse_mla_mgpu import sparse_mla_mgpu
+  args = inputs(rng, 2, 5, 128, 512, 64, 5000, 2048, jnp.bfloat16)
+  got = jax.jit(lambda *a: sparse_mla_mgpu(*a, 0.05))(*args)
+  ref = sparse_attention_scaled(0.05, *(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args))
+  assert rel_err(got.astype(jnp.float32), ref) < 2e-2

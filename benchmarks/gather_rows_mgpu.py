@@ -38,6 +38,17 @@ def mma_view(cols):  # the same bytes as wgmma's B operand
   return plgpu.SMEM((ROWS, cols), jnp.bfloat16, transforms=(plgpu.TilingTransform((8, CHUNK)), SWIZZLE))
 
 
+def _scores_to_gmem(q_smem, rows_mma, out_smem, out_gmem):
+  """q @ rows^T by one wgmma (the check that the gathered rows sit where wgmma reads them), out to GMEM."""
+  def mma(acc_ref):
+    plgpu.wgmma(acc_ref, q_smem, rows_mma.T)
+    out_smem[...] = plgpu.wgmma_accumulator_load(acc_ref)
+  pl.run_scoped(mma, plgpu.ACC((ROWS, ROWS), jnp.float32))
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out_smem, out_gmem)
+  plgpu.wait_smem_to_gmem(0)
+
+
 def gather_scores(kv, idx, q):
   """s[i, j] = q[i] . kv[idx[j]]  (q [64, 64], kv [T, 64] bf16, idx [64])."""
   def kernel(idx_gmem, kv_gmem, q_gmem, out_gmem, rows, q_smem, out_smem, barrier):
@@ -48,13 +59,7 @@ def gather_scores(kv, idx, q):
     plgpu.copy_gmem_to_smem(q_gmem, q_smem, barrier)
     plgpu.barrier_wait(barrier)
 
-    def mma(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, rows_mma.T)
-      out_smem[...] = plgpu.wgmma_accumulator_load(acc_ref)
-    pl.run_scoped(mma, plgpu.ACC((ROWS, ROWS), jnp.float32))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_gmem)
-    plgpu.wait_smem_to_gmem(0)
+    _scores_to_gmem(q_smem, rows_mma, out_smem, out_gmem)
 
   return plgpu.kernel(
       kernel,
@@ -150,13 +155,7 @@ def cp_async_scores(kv, idx, q):
     _gather_rows_cp_async(kv_gmem, idx_smem, rows_raw)
     plgpu.commit_smem()
 
-    def mma(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, rows.T)
-      out_smem[...] = plgpu.wgmma_accumulator_load(acc_ref)
-    pl.run_scoped(mma, plgpu.ACC((ROWS, ROWS), jnp.float32))
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_gmem)
-    plgpu.wait_smem_to_gmem(0)
+    _scores_to_gmem(q_smem, rows, out_smem, out_gmem)
 
   return plgpu.kernel(
       kernel,

@@ -1,4 +1,4 @@
-"""The experimental Mosaic GPU sparse MLA kernel against the float32 reference and the Triton kernel, side by side.
+"""The Mosaic GPU sparse MLA kernel against the float32 reference and the Triton kernel, side by side.
 
   PYTHONPATH=. python3 benchmarks/sparse_mla_mgpu_check.py [--contexts 4096 131072] [--queries 2048] [--decode-batch 32]
 
@@ -16,7 +16,7 @@ import numpy as np
 from benchmarks.timing import median_seconds, rel_err
 from dsv32_jax.mla import sparse_attention_scaled
 from pallas_kernels.sparse_mla_gpu import flops, sparse_mla_gpu
-from pallas_kernels.sparse_mla_mgpu import sparse_mla_mgpu
+from pallas_kernels.sparse_mla_mgpu import SparseMlaMgpuConfig, sparse_mla_mgpu
 
 
 def inputs(key, b, s, h, t, k, valid_first=None):
@@ -36,22 +36,31 @@ def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--contexts", type=int, nargs="*", default=[4096, 131072])
   ap.add_argument("--queries", type=int, default=2048)
-  ap.add_argument("--decode-batch", type=int, nargs="*", default=[32])
+  ap.add_argument("--decode-batch", type=int, nargs="*", default=[1, 32])
+  ap.add_argument("--l2-prefetch", type=int, nargs="*", default=[0], help="SparseMlaMgpuConfig.l2_prefetch values")
   args = ap.parse_args(argv)
   scale = 0.07
   q, qp, kv, kp, idx = inputs(jax.random.key(0), 2, 5, 128, 5000, 2048, valid_first=True)
   ref = sparse_attention_scaled(scale, *(a.astype(jnp.float32) for a in (q, qp, kv, kp)), idx)
   tri = jax.jit(lambda *a: sparse_mla_gpu(*a, scale)[0])(q, qp, kv, kp, idx)
   print(f"check vs float32 reference: triton {rel_err(tri.astype(jnp.float32), ref):.2e}", flush=True)
-  got = jax.jit(lambda *a: sparse_mla_mgpu(*a, scale))(q, qp, kv, kp, idx)
-  print(f"check vs float32 reference: mgpu {rel_err(got.astype(jnp.float32), ref):.2e}", flush=True)
+  tri_lse = jax.jit(lambda *a: sparse_mla_gpu(*a, scale)[1])(q, qp, kv, kp, idx)
+  for splits in (1, 3, None):
+    got, lse = jax.jit(lambda *a: sparse_mla_mgpu(*a, scale, SparseMlaMgpuConfig(k_splits=splits)))(q, qp, kv, kp, idx)
+    print(f"check vs float32 reference: mgpu (k_splits {splits}) {rel_err(got.astype(jnp.float32), ref):.2e}, "
+          f"lse vs triton's {rel_err(lse, tri_lse):.2e}", flush=True)
+  none = idx.at[0, 1].set(-1)  # a query without a valid slot: zeros, lse -inf
+  got, lse = jax.jit(lambda *a: sparse_mla_mgpu(*a, scale))(q, qp, kv, kp, none)
+  print(f"query without valid slots: max |o| {float(jnp.abs(got[0, 1]).max())}, lse {float(lse[0, 1].max())}", flush=True)
   cases = [(f"prefill, {args.queries} queries at context {t:,}", 1, args.queries, t) for t in args.contexts]
   cases += [(f"decode, batch {b}, cache 131,072", b, 1, 131072) for b in args.decode_batch]
   for what, b, s, t in cases:
     a = inputs(jax.random.key(t + b), b, s, 128, t, 2048)
     f = flops(b, s, 128, 512, 64, 2048)
-    for name, fn in (("triton", lambda *x: sparse_mla_gpu(*x, scale)[0]),
-                     ("mgpu", lambda *x: sparse_mla_mgpu(*x, scale))):
+    kernels = [("triton", lambda *x: sparse_mla_gpu(*x, scale)[0])]
+    kernels += [(f"mgpu l2 {p}", lambda *x, p=p: sparse_mla_mgpu(*x, scale, SparseMlaMgpuConfig(l2_prefetch=p))[0])
+                for p in args.l2_prefetch]
+    for name, fn in kernels:
       sec = median_seconds(jax.jit(fn), *a, iters=5)
       print(f"{what:45s} {name:12s} {sec * 1e3:8.3f} ms  {f / sec / 1e12:6.1f} TFLOP/s", flush=True)
 

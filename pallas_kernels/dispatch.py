@@ -39,6 +39,11 @@ def on_tpu() -> bool:
   return jax.default_backend() == "tpu"
 
 
+def on_hopper() -> bool:
+  """Whether the default device is a Hopper GPU (sm_90: wgmma, the Mosaic GPU kernels' target)."""
+  return on_gpu() and getattr(jax.devices()[0], "compute_capability", "") == "9.0"
+
+
 @dataclasses.dataclass(frozen=True)
 class RaggedDotMgpuConfig:
   """Tiling of JAX's Mosaic GPU ``ragged_dot`` (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu)."""
@@ -266,14 +271,22 @@ def sparse_mla(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv
   reference dequantise the selected rows; the TPU kernels get the whole latent dequantised first).
 
   o[t,h] = softmax_j((q_lat[t,h] . kv[idx[t,j]] + q_pe[t,h] . k_pe[idx[t,j]]) * scale) . kv[idx[t,j]]
-  Reference: ``dsv32_jax.mla.sparse_attention_scaled``; GPU: ``pallas_kernels.sparse_mla_gpu`` (``config``:
-  its ``SparseMlaGpuConfig``); TPU: ``pallas_kernels.sparse_mla_tpu`` (token-granular DMAs), or
+  Reference: ``dsv32_jax.mla.sparse_attention_scaled``; GPU: on a Hopper GPU with a bf16 cache
+  ``pallas_kernels.sparse_mla_mgpu`` (Mosaic GPU, wgmma; 1.3-1.4x the Triton kernel in prefill on an H100,
+  BENCHMARKS.md; ``config``: its ``SparseMlaMgpuConfig``), else ``pallas_kernels.sparse_mla_gpu`` (Triton;
+  an FP8 cache, float32, other GPUs, or a ``SparseMlaGpuConfig`` given); TPU: ``pallas_kernels.sparse_mla_tpu`` (token-granular DMAs), or
   ``pallas_kernels.sparse_mla_blocks_tpu`` when ``config`` is a ``SparseMlaBlocksTpuConfig`` (64-token
   blocks; indices must be distinct).
   """
   backend = _sparse_mla_backend(q_lat.dtype, kv.shape[-1], k_pe.shape[-1], impl)
   if backend == "gpu":
-    from pallas_kernels.sparse_mla_gpu import sparse_mla_gpu
+    from pallas_kernels import sparse_mla_mgpu
+    from pallas_kernels.sparse_mla_gpu import SparseMlaGpuConfig, sparse_mla_gpu
+    if (kv_scale is None and not isinstance(config, SparseMlaGpuConfig) and on_hopper()
+        and sparse_mla_mgpu.supports(kv.shape[-1], k_pe.shape[-1])
+        and all(a.dtype == jnp.bfloat16 for a in (q_lat, q_pe, kv, k_pe))):
+      return sparse_mla_mgpu.sparse_mla_mgpu(q_lat, q_pe, kv, k_pe, idx, scale,
+                                             config or sparse_mla_mgpu.SparseMlaMgpuConfig())[0]
     return sparse_mla_gpu(q_lat, q_pe, kv, k_pe, idx, scale, **({"config": config} if config else {}),
                           kv_scale=kv_scale)[0]
   if backend == "reference":  # dequantises the selected rows only

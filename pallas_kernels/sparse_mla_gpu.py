@@ -190,12 +190,17 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
       interpret=interpret,
       name="sparse_mla_gpu",
   )(live_tiles, idx, q_lat, q_pe, kv, k_pe, *((kv_scale.astype(jnp.float32),) if fp8 else ()))
-  if splits > 1:  # merge the partial softmaxes: weights exp(lse_i - lse)
-    total = jax.nn.logsumexp(lse, axis=2, keepdims=True)
-    w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(total), total, 0.0)), 0.0)
-    o = jnp.sum(o * w[..., None], axis=2, keepdims=True).astype(q_lat.dtype)
-    lse = total
-  return o[:, :, 0, :h], lse[:, :, 0, :h]
+  o, lse = merge_splits(o, lse, q_lat.dtype)
+  return o[..., :h, :], lse[..., :h]
+
+
+def merge_splits(o: Float[Array, "b s n h c"], lse: Float[Array, "b s n h"], dtype) -> tuple[Array, Array]:
+  """Merges the partial softmaxes of n splits of the top-k (flash-decoding): weights exp(lse_i - lse)."""
+  if o.shape[2] == 1:
+    return o[:, :, 0].astype(dtype), lse[:, :, 0]
+  total = jax.nn.logsumexp(lse, axis=2, keepdims=True)
+  w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - jnp.where(jnp.isfinite(total), total, 0.0)), 0.0)
+  return jnp.sum(o.astype(jnp.float32) * w[..., None], axis=2).astype(dtype), total[:, :, 0]
 
 
 def flops(b: int, s: int, h: int, c: int, r: int, k: int) -> float:

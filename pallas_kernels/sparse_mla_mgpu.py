@@ -3,23 +3,30 @@
 Computes what ``pallas_kernels.sparse_mla_gpu`` (Pallas Triton) computes -- for every query t and head h,
 over the rows idx[t] selects (-1: an unused slot)
 
-  o[t, h] = sum_j softmax_j(scale * (q_lat[t,h] . kv[idx[t,j]] + q_pe[t,h] . k_pe[idx[t,j]])) kv[idx[t,j]]
+  o[t, h]   = sum_j softmax_j(scale * s_j) kv[idx[t,j]],   s_j = q_lat[t,h] . kv[idx[t,j]] + q_pe[t,h] . k_pe[idx[t,j]]
+  lse[t, h] = log sum_j exp(scale * s_j)
 
--- with the FlashMLA division of labour. EXPERIMENTAL, not behind the dispatch: correct (the GPU test), but on
-an H100 153 / 90 TFLOP/s at 4K / 128K against the Triton kernel's 222 / 218 (BENCHMARKS.md: the two-slot
-ring exposes each tile's gather latency, and both consumers compute the scores). A CTA owns one query and
-64 heads and runs three warpgroups:
+-- with FlashMLA's division of labour for sparse prefill. A CTA owns one query, 64 heads (wgmma's M) and a
+range of the query's top-k slots, and runs three warpgroups over pairs of 64-row tiles:
 
-- the producer gathers tiles of 64 selected rows (latent 512 + rope 64 = 576 bf16 values a row) into a
-  ring of shared-memory slots: its 128 threads each issue 16-byte ``cp.async`` copies straight to their
-  places in wgmma's 128-byte-swizzled (8, 64) tiling (Pallas Mosaic GPU's own copies cannot gather on
-  Hopper; ``benchmarks/gather_rows_mgpu.py``), keeping two tiles in flight;
-- two consumers each compute the scores S = [q_lat | q_pe] . [kv | k_pe]^T of the 64 heads against the
-  tile (one wgmma over 576; both compute it, so that neither waits on the other) and the online softmax,
-  and fold P into their half of the 512 output columns (a 64 x 256 float32 accumulator each: all 512
-  would not fit one warpgroup's registers).
+- the producer gathers the pair's rows (latent 512 + rope 64 = 576 bf16 values a row) into two shared-
+  memory tiles, even tile -> slot 0, odd tile -> slot 1. Its 128 threads issue 16-byte ``cp.async`` copies
+  straight to their places in wgmma's 128-byte-swizzled (8, 64) tiling (Pallas Mosaic GPU's own copies
+  cannot gather on Hopper; ``benchmarks/gather_rows_mgpu.py``). Each tile arrives, and is released, in two
+  halves -- left = latent columns [0, 256), right = [256, 576) -- so that the next pair's halves that the
+  consumers are done with are in flight while the rest of the pair is still being used.
+- consumer w (0 or 1) computes the scores of tile w only (S_w = [q_lat | q_pe] . tile_w^T, one wgmma over
+  576) and owns output columns [256 w, 256 w + 256) (a 64 x 256 float32 accumulator: all 512 would not fit
+  one warpgroup's registers). The two share a running maximum through shared memory -- consumer 0 posts
+  m0 = max(m, rowmax S_0), consumer 1 answers m1 = max(m0, rowmax S_1) -- and each multiplies its
+  probabilities P_w = exp(S_w - m) into the values of both tiles: its own P_w from registers, the other's
+  from shared memory (P_0 in slot 0's rope columns, which nothing reads after consumer 0's scores; P_1 in
+  a buffer of its own). No score is computed twice.
 
-Tiles past a query's last valid slot are not gathered. Needs 128-byte-aligned rows: c + r = 576 here.
+Top-k splits (flash-decoding, for small batches): each CTA returns its normalised partial output and its
+log-sum-exp, merged by ``sparse_mla_gpu.merge_splits``. Tiles past a query's last valid slot are not
+gathered. The inline ``cp.async`` code cannot run in interpret mode: the CPU tests lower the kernel for an
+H100, the GPU tests check its numerics.
 """
 
 from __future__ import annotations
@@ -35,64 +42,94 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, Int
 
 from dsv32_jax.mla import sparse_attention_scaled as reference  # noqa: F401  (what this kernel matches)
+from pallas_kernels.sparse_mla_gpu import NUM_SMS, merge_splits
 
 HEADS = 64       # heads a CTA (the wgmma M dimension)
 BLOCK_K = 64     # selected rows a tile (the output wgmma's K: a multiple of 64 with the 128-byte swizzle)
+LATENT, ROPE = 512, 64  # the only row layout the kernel takes (its shared memory is planned for it)
+HALF = LATENT // 2      # output columns a consumer; also where a tile's left half ends
 PIECE = 16       # bytes a cp.async copies
+LOG2E = math.log2(math.e)
+_PIPELINE = True
 
 
 @dataclasses.dataclass(frozen=True)
 class SparseMlaMgpuConfig:
-  """Tiling of the Mosaic GPU sparse MLA kernel."""
+  """Tuning of the Mosaic GPU sparse MLA kernel."""
 
-  slots: int = 2                # gathered tiles in shared memory (the ring); 2 x 72 KiB is what fits beside
-                                # the queries (72 KiB) with 576-wide rows
+  k_splits: int | None = None   # CTAs per (query, head block) along the top-k; None: enough CTAs for two
+                                # waves over the GPU (one CTA fits an SM: 224 KiB of shared memory)
+  l2_prefetch: int = 0          # 0, 64, 128 or 256: the L2 fetches that many bytes around each copied piece
+
+  def __post_init__(self):
+    if self.l2_prefetch not in (0, 64, 128, 256):
+      raise ValueError(f"SparseMlaMgpuConfig.l2_prefetch = {self.l2_prefetch}: expected 0, 64, 128 or 256")
+
+
+def supports(c: int, r: int) -> bool:
+  """Whether the kernel takes a latent of c and a rope part of r values."""
+  return (c, r) == (LATENT, ROPE)
 
 
 def _tiled(shape):
   return plgpu.SMEM(shape, jnp.bfloat16, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
-def _gather_tile(kv_rows, idx_smem, ring_raw, tile, row0, slot, width: int):
-  """The producer's 128 threads copy the 64 rows row0 + max(idx_smem[tile, j], 0) of kv_rows [N, width] bf16
-  (-1 slots read row0; their scores are masked) into slot
-  ``slot`` of ring_raw (the raw bytes of a [slots, 64, width] ref tiled (8, 64), swizzled by 128 bytes):
-  row r's 16-byte piece p goes to ((r // 8) * (width // 64) + p // 8) * 1024 + (r % 8) * 128
-  + ((p % 8) ^ (r % 8)) * 16 in the slot. Commits them as one cp.async group."""
+def _gather_half(kv, k_pe, idx, slot_raw, valid, query, tile, row0, slot: int, right: bool, post_valid: bool,
+                 l2_prefetch: int):
+  """The producer's 128 threads copy one half of tile ``tile`` of query ``query``'s selection -- rows
+  row0 + max(idx[query, 64 tile + i], 0) of [kv | k_pe] ([N, 512] and [N, 64] bf16, read in place: a
+  concatenated copy of a whole cache would cost more than the attention), columns [0, 256) (left) or
+  [256, 576) (right) -- into slot_raw (the raw bytes of a [64, 576] ref tiled (8, 64) and swizzled by 128 bytes: row
+  i's 16-byte piece p goes to ((i // 8) * 9 + p // 8) * 1024 + (i % 8) * 128 + ((p % 8) ^ (i % 8)) * 16), as
+  one cp.async group. Thread t copies pieces t % 8 + 8 n of rows
+  t // 8 + 16 m: eight neighbours copy 128 contiguous bytes of a row. With ``post_valid`` it also writes
+  valid[slot, i] = 1.0 if idx >= 0 else 0.0 (float32), which masks the -1 slots' scores (they read row row0)."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, nvvm
   from jax.experimental.mosaic.gpu import utils as mu
-  pieces = width * 2 // PIECE
+  width = LATENT + ROPE
   col_tiles = width // 64
-  slot_bytes = BLOCK_K * width * 2
+  tiles = range(HALF // 64, col_tiles) if right else range(HALF // 64)
 
-  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType(), plgpu.Layout.WG_SPLAT,
-                                plgpu.Layout.WG_SPLAT, plgpu.Layout.WG_SPLAT))
-  def gather(ctx, kv, idx, dst, tile, row0, slot):
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 5 + (plgpu.Layout.WG_SPLAT,) * 3)
+  def gather(ctx, kv, k_pe, idx, dst, valid, query, tile, row0):
     del ctx
-    tile, row0, slot = (a.registers.item() for a in (tile, row0, slot))
+    query, tile, row0 = (a.registers.item() for a in (query, tile, row0))
     i32, i64, i8 = (ir.IntegerType.get_signless(n) for n in (32, 64, 8))
     bf16, index = ir.BF16Type.get(), ir.IndexType.get()
     c32 = lambda v: arith.constant(i32, v)
     tid = arith.remui(arith.index_cast(i32, gpu.thread_id(gpu.Dimension.x)), c32(128))
-    kv_ptr = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mu.memref_ptr(kv))
-    slot_ptr = mu.getelementptr(mu.memref_ptr(dst), [arith.muli(slot, c32(slot_bytes))], i8)
-    for it in range(BLOCK_K * pieces // 128):
-      lin = arith.addi(tid, c32(it * 128))
-      row, piece = arith.divui(lin, c32(pieces)), arith.remui(lin, c32(pieces))
-      r = arith.addi(row0, arith.maxsi(memref.load(idx, [arith.index_cast(index, tile), arith.index_cast(index, row)]),
-                                       c32(0)))
-      src = arith.addi(arith.muli(arith.extui(i64, r), arith.constant(i64, width)),
-                       arith.extui(i64, arith.muli(piece, c32(PIECE // 2))))
-      ri, rg = arith.remui(row, c32(8)), arith.divui(row, c32(8))
-      tile_of = arith.addi(arith.muli(rg, c32(col_tiles)), arith.divui(piece, c32(8)))
-      dst_off = arith.addi(arith.addi(arith.muli(tile_of, c32(1024)), arith.muli(ri, c32(128))),
-                           arith.muli(arith.xori(arith.remui(piece, c32(8)), ri), c32(PIECE)))
-      nvvm.cp_async_shared_global(mu.getelementptr(slot_ptr, [dst_off], i8), mu.getelementptr(kv_ptr, [src], bf16),
-                                  PIECE, nvvm.LoadCacheModifierKind.CG)
+    lane, group = arith.remui(tid, c32(8)), arith.divui(tid, c32(8))
+    global_ptr = lambda ref: llvm.addrspacecast(llvm.PointerType.get(address_space=1), mu.memref_ptr(ref))  # noqa: E731
+    kv_ptr, pe_ptr = global_ptr(kv), global_ptr(k_pe)
+    slot_ptr = mu.memref_ptr(dst)
+    swizzled = arith.muli(arith.xori(lane, arith.remui(group, c32(8))), c32(PIECE))  # (p % 8) ^ (i % 8), i % 8 = group % 8
+    in_group = arith.addi(arith.muli(arith.remui(group, c32(8)), c32(128)), swizzled)
+    for m in range(BLOCK_K // 16):
+      row = arith.addi(group, c32(16 * m))
+      sel = memref.load(idx, [arith.index_cast(index, query),
+                              arith.index_cast(index, arith.addi(arith.muli(tile, c32(BLOCK_K)), row))])
+      if post_valid:
+        f32 = ir.F32Type.get()
+        memref.store(arith.select(arith.cmpi(arith.CmpIPredicate.sge, sel, c32(0)), arith.constant(f32, 1.0),
+                                  arith.constant(f32, 0.0)), valid,
+                     [arith.constant(index, slot), arith.index_cast(index, row)])
+      src_row = arith.extui(i64, arith.addi(row0, arith.maxsi(sel, c32(0))))
+      in_row = arith.extui(i64, arith.muli(lane, c32(PIECE // 2)))
+      row_tiles = arith.muli(arith.divui(row, c32(8)), c32(col_tiles))
+      for n in tiles:  # column tile n: latent columns 64 n.. from kv, the rope part from k_pe
+        ptr, cols, col0 = (kv_ptr, LATENT, n * 64) if n < LATENT // 64 else (pe_ptr, ROPE, n * 64 - LATENT)
+        src = arith.addi(arith.addi(arith.muli(src_row, arith.constant(i64, cols)), in_row), arith.constant(i64, col0))
+        dst_off = arith.addi(arith.muli(arith.addi(row_tiles, c32(n)), c32(1024)), in_group)
+        dst_ptr, src_ptr = mu.getelementptr(slot_ptr, [dst_off], i8), mu.getelementptr(ptr, [src], bf16)
+        if l2_prefetch:
+          mu.inline_ptx(f"cp.async.cg.shared.global.L2::{l2_prefetch}B [$0], [$1], {PIECE};", dst_ptr, src_ptr)
+        else:
+          nvvm.cp_async_shared_global(dst_ptr, src_ptr, PIECE, nvvm.LoadCacheModifierKind.CG)
     nvvm.cp_async_commit_group()
 
-  gather(kv_rows, idx_smem, ring_raw, tile, row0, slot)
+  gather(kv, k_pe, idx, slot_raw, valid, query, tile, row0)
 
 
 def _wait_gathers(pending: int):
@@ -109,131 +146,226 @@ def _wait_gathers(pending: int):
 
 def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv: Float[Array, "b t c"],
                     k_pe: Float[Array, "b t r"], idx: Int[Array, "b s k"], scale: float,
-                    config: SparseMlaMgpuConfig = SparseMlaMgpuConfig()) -> Float[Array, "b s h c"]:
-  """Sparse MLA output [B, S, H, c] in bf16 (a query with no valid slot gets zeros). bf16 operands."""
+                    config: SparseMlaMgpuConfig = SparseMlaMgpuConfig()
+                    ) -> tuple[Float[Array, "b s h c"], Float[Array, "b s h"]]:
+  """Sparse MLA output [B, S, H, c] in bf16 and the log-sum-exp [B, S, H] in float32 (a query with no
+  valid slot gets zeros and -inf). bf16 operands; latent 512, rope 64."""
   b, s, h, c = q_lat.shape
   r, t, k = q_pe.shape[-1], kv.shape[1], idx.shape[-1]
   width = c + r
   if kv.shape != (b, t, c) or k_pe.shape != (b, t, r) or q_pe.shape != (b, s, h, r) or idx.shape[:2] != (b, s):
     raise ValueError(f"sparse_mla_mgpu: shapes q_lat {q_lat.shape}, q_pe {q_pe.shape}, kv {kv.shape}, "
                      f"k_pe {k_pe.shape}, idx {idx.shape} do not agree")
-  if width % 64 or c % 128:
-    raise ValueError(f"sparse_mla_mgpu: latent {c} must be a multiple of 128 and latent + rope {width} of 64")
+  if not supports(c, r):
+    raise ValueError(f"sparse_mla_mgpu: takes a latent of {LATENT} and a rope part of {ROPE}, got {c} and {r}")
   if any(a.dtype != jnp.bfloat16 for a in (q_lat, q_pe, kv, k_pe)):
     raise TypeError("sparse_mla_mgpu takes bf16 operands")
-  h_pad, k_pad = -(-h // HEADS) * HEADS, -(-k // BLOCK_K) * BLOCK_K
-  n_q, half = b * s, c // 2
-  q = jnp.concatenate([q_lat, q_pe], axis=-1).reshape(n_q, h, width)
-  q = jnp.pad(q, ((0, 0), (0, h_pad - h), (0, 0)))
-  rows_all = jnp.concatenate([kv, k_pe], axis=-1).reshape(b * t, width)
+  pair = 2 * BLOCK_K
+  h_pad, k_pad = -(-h // HEADS) * HEADS, -(-k // pair) * pair
+  n_q, n_hb, tiles = b * s, -(-h // HEADS), k_pad // BLOCK_K
+  pad_heads = lambda a: jnp.pad(a.reshape(n_q, h, -1), ((0, 0), (0, h_pad - h), (0, 0)))  # noqa: E731
   idx = jnp.pad(idx, ((0, 0), (0, 0), (0, k_pad - k)), constant_values=-1)
   idx = jnp.where((idx >= 0) & (idx < t), idx, -1).astype(jnp.int32).reshape(n_q, k_pad)
   slots_ = jnp.arange(1, k_pad + 1, dtype=jnp.int32)
   live_tiles = -(-jnp.max(jnp.where(idx >= 0, slots_, 0), axis=-1) // BLOCK_K)  # [n_q]
-  n_slots = config.slots
-  log2e = math.log2(math.e)
+  pairs = tiles // 2
+  splits = config.k_splits or -(-2 * NUM_SMS // (n_q * n_hb))
+  splits = max(1, min(splits, pairs))
+  pairs_per_split = -(-pairs // splits)
+  c_scale = scale * LOG2E  # scores in log2 units: exp2 below
 
-  def kernel(q_gmem, rows_all_gmem, idx_gmem, live_gmem, out_gmem, q_and_out, idx_smem, ring, q_barrier,
-             full, empty, done):
-    q_smem, o_smem = q_and_out  # the output halves reuse the queries' bytes once both consumers are done
-    ring_raw, ring_tiled = ring
-    hb, qi = lax.axis_index("hb"), lax.axis_index("q")
+  def kernel(q_lat_gmem, q_pe_gmem, kv_gmem, k_pe_gmem, idx_gmem, live_gmem, out_gmem, lse_gmem, q_and_out, slot0,
+             slot1, p1_smem, rows_of_64,
+             q_barrier, ready, free_one, free_two, m_ready, p_ready, done):
+    # Small per-row values in one buffer (shared memory comes in 1 KiB units; 2 KiB are left): the tiles'
+    # valid slots, the running maxima the consumers trade, and their sums.
+    valid_row, m_row, l_row = (lambda i: rows_of_64.at[i]), (lambda i: rows_of_64.at[2 + i]), (lambda i: rows_of_64.at[4 + i])
+    (q_lat_smem, q_pe_smem), o_smem = q_and_out  # the output reuses the queries' bytes once both are done
+    (raw0, tile0), (raw1, tile1) = slot0, slot1  # even tiles in slot 0, odd tiles in slot 1
+    slot_raw, slot_tiled = (raw0, raw1), (tile0, tile1)
+    hq, split = lax.axis_index("hq"), lax.axis_index("split")
+    hb, qi = lax.rem(hq, n_hb), lax.div(hq, n_hb)  # a query's head blocks side by side: the second reads L2
     wg = lax.axis_index("wg")
-    live = live_gmem[qi]
+    first_tile = split * (2 * pairs_per_split)
+    n_pairs = jnp.clip(-(-(live_gmem[qi] - first_tile) // 2), 0, pairs_per_split)
+    # Barriers of a tile half: ready[2 slot + right] (producer -> consumers); released by the consumers
+    # that read it: slot 0 left (consumer 0) and slot 1 right (consumer 1) in free_one[slot], slot 0 right
+    # and slot 1 left (both) in free_two[slot].
+    left = pl.ds(0, HALF)
+    p0_smem = tile0.at[:, pl.ds(c, BLOCK_K)]  # P_0 lives in slot 0's rope columns
+
+    def scores(slot, right_first: bool):
+      keys = slot_tiled[slot]
+      def run(acc_ref):
+        for is_right in (right_first, not right_first):
+          plgpu.barrier_wait(ready.at[2 * slot + is_right])
+          if is_right:
+            plgpu.wgmma(acc_ref, q_lat_smem.at[:, pl.ds(HALF, HALF)], keys.at[:, pl.ds(HALF, HALF)].T)
+            plgpu.wgmma(acc_ref, q_pe_smem, keys.at[:, pl.ds(c, r)].T)
+          else:
+            plgpu.wgmma(acc_ref, q_lat_smem.at[:, left], keys.at[:, left].T)
+        return acc_ref[...]
+      sc = pl.run_scoped(run, plgpu.ACC((HEADS, BLOCK_K), jnp.float32))
+      valid = valid_row(slot)[...] != 0.0
+      return jnp.where(lax.broadcast_in_dim(valid, sc.shape, [1]), sc * c_scale, -jnp.inf)
+
+    def wgmma_into(acc, a, b_ref):
+      def run(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_ref)
+      return pl.run_state(run)(plgpu.ACC.init(acc))
+
+    def softmax(sc, m_old, m_new, acc, l):
+      """P = exp2(S - m_new), the accumulator and sum rescaled from m_old to m_new."""
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no valid slot yet: nothing to rescale
+      alpha = jnp.exp2(m_old - m_safe)
+      p = jnp.exp2(sc - lax.broadcast_in_dim(m_safe, sc.shape, [0]))
+      return p, acc * lax.broadcast_in_dim(alpha, acc.shape, [0]), l * alpha + p.sum(axis=1)
+
+    def rescale(p, acc, l, m_old, m_new):
+      beta = jnp.exp2(m_old - jnp.where(m_new == -jnp.inf, 0.0, m_new))
+      return (p * lax.broadcast_in_dim(beta, p.shape, [0]), acc * lax.broadcast_in_dim(beta, acc.shape, [0]),
+              l * beta)
+
+    def consumer0(i, carry):
+      acc, m, l = carry
+      sc = scores(0, right_first=False)
+      m0 = jnp.maximum(m, sc.max(axis=1))
+      m_row(0)[...] = m0
+      plgpu.barrier_arrive(m_ready.at[0])
+      p, acc, l = softmax(sc, m, m0, acc, l)
+      acc = wgmma_into(acc, p.astype(jnp.bfloat16), tile0.at[:, left])  # P_0 . V_0[:, :256]
+      plgpu.barrier_arrive(free_one.at[0])
+      plgpu.barrier_wait(m_ready.at[1])
+      m1 = plgpu.load(m_row(1), layout=plgpu.Layout.WGMMA.reduce(1))
+      p, acc, l = rescale(p, acc, l, m0, m1)
+      p0_smem[...] = p.astype(jnp.bfloat16)
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(p_ready.at[0])
+      plgpu.barrier_arrive(free_two.at[0])
+      plgpu.barrier_wait(ready.at[2])
+      plgpu.barrier_wait(p_ready.at[1])
+      acc = wgmma_into(acc, p1_smem, tile1.at[:, left])  # P_1 . V_1[:, :256]
+      plgpu.barrier_arrive(free_two.at[1])
+      return acc, m1, l
+
+    def consumer1(i, carry):
+      acc, m, l = carry
+      sc = scores(1, right_first=True)  # the producer sends slot 1's right half first
+      plgpu.barrier_arrive(free_two.at[1])  # consumer 1's only read of slot 1's left half
+      plgpu.barrier_wait(m_ready.at[0])
+      m0 = plgpu.load(m_row(0), layout=plgpu.Layout.WGMMA.reduce(1))
+      m1 = jnp.maximum(m0, sc.max(axis=1))
+      m_row(1)[...] = m1
+      plgpu.barrier_arrive(m_ready.at[1])
+      p, acc, l = softmax(sc, m, m1, acc, l)
+      p16 = p.astype(jnp.bfloat16)
+      p1_smem[...] = p16
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(p_ready.at[1])
+      acc = wgmma_into(acc, p16, tile1.at[:, pl.ds(HALF, HALF)])  # P_1 . V_1[:, 256:]
+      plgpu.barrier_arrive(free_one.at[1])
+      plgpu.barrier_wait(ready.at[1])
+      plgpu.barrier_wait(p_ready.at[0])
+      acc = wgmma_into(acc, p0_smem, tile0.at[:, pl.ds(HALF, HALF)])  # P_0 . V_0[:, 256:]
+      plgpu.barrier_arrive(free_two.at[0])
+      return acc, m1, l
 
     @pl.when(wg < 2)
     def _consumer():
       plgpu.set_max_registers(232, action="increase")
-      plgpu.copy_gmem_to_smem(q_gmem.at[qi, pl.ds(hb * HEADS, HEADS)], q_smem, q_barrier.at[wg])
-      plgpu.copy_gmem_to_smem(idx_gmem.at[qi], idx_smem, q_barrier.at[wg])
-      plgpu.barrier_wait(q_barrier.at[wg])
-      cols = pl.ds(wg * half, half)
 
-      def tile_step(j, carry):
-        acc, m, l = carry
-        slot = lax.rem(j, n_slots)
-        plgpu.barrier_wait(full.at[slot])
-
-        def scores(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, ring_tiled.at[slot].T)
-          return acc_ref[...]
-        sc = pl.run_scoped(scores, plgpu.ACC((HEADS, BLOCK_K), jnp.float32))
-        valid = idx_smem[j] >= 0
-        sc = jnp.where(lax.broadcast_in_dim(valid, (HEADS, BLOCK_K), [1]), sc * (scale * log2e), -jnp.inf)
-        m_new = jnp.maximum(m, sc.max(axis=1))
-        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no valid slot yet: nothing to rescale
-        alpha = jnp.exp2(m - m_safe)
-        p = jnp.exp2(sc - lax.broadcast_in_dim(m_safe, sc.shape, [0]))
-        l = l * alpha + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-
-        def output(acc_ref):
-          plgpu.wgmma(acc_ref, p.astype(jnp.bfloat16), ring_tiled.at[slot, :, cols])
-        acc = pl.run_state(output)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(empty.at[slot])
-        return acc, m_new, l
-
-      acc = plgpu.layout_cast(jnp.zeros((HEADS, half), jnp.float32), plgpu.Layout.WGMMA)
-      m = plgpu.layout_cast(jnp.full((HEADS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-      l = plgpu.layout_cast(jnp.zeros((HEADS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-      acc, m, l = lax.fori_loop(0, live, tile_step, (acc, m, l))
-      norm = jnp.where(l > 0, l, 1.0)
-      out = acc / lax.broadcast_in_dim(norm, acc.shape, [0])
-      plgpu.barrier_arrive(done)  # both consumers are past their last read of q_smem
+      @pl.when(wg == 0)
+      def _():
+        heads = pl.ds(hb * HEADS, HEADS)
+        plgpu.copy_gmem_to_smem(q_lat_gmem.at[qi, heads], q_lat_smem, q_barrier)
+        plgpu.copy_gmem_to_smem(q_pe_gmem.at[qi, heads], q_pe_smem, q_barrier)
+      plgpu.barrier_wait(q_barrier)
+      init = (plgpu.layout_cast(jnp.zeros((HEADS, HALF), jnp.float32), plgpu.Layout.WGMMA),
+              plgpu.layout_cast(jnp.full((HEADS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+              plgpu.layout_cast(jnp.zeros((HEADS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
+      acc, m, l = lax.cond(wg == 0, lambda: lax.fori_loop(0, n_pairs, consumer0, init),
+                           lambda: lax.fori_loop(0, n_pairs, consumer1, init))
+      l_row(wg)[...] = l
+      plgpu.barrier_arrive(done)  # both consumers are past their last read of the queries
       plgpu.barrier_wait(done)
-      o_smem.at[wg][...] = out.astype(jnp.bfloat16)
+      l = l + plgpu.load(l_row(1 - wg), layout=plgpu.Layout.WGMMA.reduce(1))
+      seen = l > 0
+      norm = jnp.where(seen, l, 1.0)
+      o_smem.at[wg][...] = (acc / lax.broadcast_in_dim(norm, acc.shape, [0])).astype(jnp.bfloat16)
+
+      @pl.when(wg == 0)
+      def _():  # the log-sum-exp, natural log; the maxima's row is free now
+        m_row(0)[...] = jnp.where(seen, (m + jnp.log2(norm)) / LOG2E, -jnp.inf)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[qi, pl.ds(hb * HEADS, HEADS), cols])
+      plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[split, qi, pl.ds(hb * HEADS, HEADS), pl.ds(wg * HALF, HALF)])
+
+      @pl.when(wg == 0)
+      def _():
+        plgpu.copy_smem_to_gmem(m_row(0), lse_gmem.at[split, qi, pl.ds(hb * HEADS, HEADS)])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
       row0 = (qi // s) * t  # the query's sequence's first row in rows_all
-      plgpu.barrier_wait(q_barrier.at[0])  # the query's indices are in idx_smem
 
-      @pl.loop(0, live)
-      def _(j):
-        slot = lax.rem(j, n_slots)
+      # The halves in the order the consumers need them: (slot, right half?, the barrier that frees it).
+      # Two in flight: a half is handed over once the next one is issued. (No deadlock: what the consumers
+      # do before releasing a half never needs the half issued just before it.)
+      order = ((0, False, free_one.at[0]), (1, True, free_one.at[1]), (0, True, free_two.at[0]),
+               (1, False, free_two.at[1]))
 
-        @pl.when(j >= n_slots)
-        def _():
-          plgpu.barrier_wait(empty.at[slot])
-        _gather_tile(rows_all_gmem, idx_smem, ring_raw, j, row0, slot, width)
-
-        @pl.when(j >= 1)
-        def _():  # the previous tile has landed: hand it over
-          _wait_gathers(1)
-          plgpu.commit_smem()
-          plgpu.barrier_arrive(full.at[lax.rem(j - 1, n_slots)])
-
-      @pl.when(live >= 1)
-      def _():
-        _wait_gathers(0)
+      def hand_over(slot, is_right, pending):
+        _wait_gathers(pending)
         plgpu.commit_smem()
-        plgpu.barrier_arrive(full.at[lax.rem(live - 1, n_slots)])
+        plgpu.barrier_arrive(ready.at[2 * slot + is_right])
+
+      @pl.loop(0, n_pairs)
+      def _(i):
+        for n, (slot, is_right, free) in enumerate(order):
+          @pl.when(i > 0)
+          def _():
+            plgpu.barrier_wait(free)
+          _gather_half(kv_gmem, k_pe_gmem, idx_gmem, slot_raw[slot], rows_of_64, qi, first_tile + 2 * i + slot,
+                       row0, slot, is_right, post_valid=(slot == 0) != is_right, l2_prefetch=config.l2_prefetch)
+          if not _PIPELINE:
+            hand_over(slot, is_right, pending=0)
+          elif n:
+            hand_over(*order[n - 1][:2], pending=1)
+          else:
+            pl.when(i > 0)(lambda: hand_over(*order[-1][:2], pending=1))
+
+      if _PIPELINE:
+        pl.when(n_pairs > 0)(lambda: hand_over(*order[-1][:2], pending=0))
 
   def entry(*refs):
     pl.run_scoped(
         lambda *scratch: kernel(*refs, *scratch),
-        plgpu.RefUnion(_tiled((HEADS, width)), _tiled((2, HEADS, half))),
-        plgpu.SMEM((k_pad // BLOCK_K, BLOCK_K), jnp.int32),  # a TMA box holds at most 256 values a dimension
-        plgpu.RefUnion(plgpu.SMEM((n_slots * BLOCK_K * width,), jnp.bfloat16), _tiled((n_slots, BLOCK_K, width))),
-        plgpu.Barrier(num_arrivals=2, num_barriers=2),
-        plgpu.Barrier(num_barriers=n_slots),
-        plgpu.Barrier(num_arrivals=2, num_barriers=n_slots),
-        plgpu.Barrier(num_arrivals=2),
+        plgpu.RefUnion((_tiled((HEADS, c)), _tiled((HEADS, r))), _tiled((2, HEADS, HALF))),
+        *[plgpu.RefUnion(plgpu.SMEM((BLOCK_K * width,), jnp.bfloat16), _tiled((BLOCK_K, width)))] * 2,
+        _tiled((HEADS, BLOCK_K)),                     # P_1
+        plgpu.SMEM((6, 64), jnp.float32),             # valid slots, maxima, sums (BLOCK_K = HEADS = 64)
+        plgpu.Barrier(num_arrivals=2),                # queries: the latent and the rope part
+        plgpu.Barrier(num_barriers=4),                # ready
+        plgpu.Barrier(num_barriers=2),                # free_one
+        plgpu.Barrier(num_arrivals=2, num_barriers=2),  # free_two
+        plgpu.Barrier(num_barriers=2),                # m_ready
+        plgpu.Barrier(num_barriers=2),                # p_ready
+        plgpu.Barrier(num_arrivals=2),                # done
         collective_axes="wg",
     )
 
-  out = plgpu.kernel(
+  o, lse = plgpu.kernel(
       entry,
-      out_type=jax.ShapeDtypeStruct((n_q, h_pad, c), jnp.bfloat16),
-      grid=(h_pad // HEADS, n_q),
-      grid_names=("hb", "q"),
+      out_type=(jax.ShapeDtypeStruct((splits, n_q, h_pad, c), jnp.bfloat16),
+                jax.ShapeDtypeStruct((splits, n_q, h_pad), jnp.float32)),
+      grid=(n_q * n_hb, splits),
+      grid_names=("hq", "split"),
       num_threads=3,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True,
+      compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,  # row reductions: in-warp
                                            lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-  )(q, rows_all, idx.reshape(n_q, k_pad // BLOCK_K, BLOCK_K), live_tiles.astype(jnp.int32))
-  return out[:, :h].reshape(b, s, h, c)
+  )(pad_heads(q_lat), pad_heads(q_pe), kv.reshape(b * t, c), k_pe.reshape(b * t, r), idx, live_tiles.astype(jnp.int32))
+  o = jnp.moveaxis(o, 0, 1).reshape(b, s, splits, h_pad, c)
+  o, lse = merge_splits(o, jnp.moveaxis(lse, 0, 1).reshape(b, s, splits, h_pad), jnp.bfloat16)
+  return o[..., :h, :], lse[..., :h]

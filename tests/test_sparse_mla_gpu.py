@@ -173,23 +173,30 @@ def test_row_gathers_for_wgmma_on_gpu(rng):
     assert rel_err(fn(kv, idx, q), want) < 1e-5
 
 
-def test_mosaic_gpu_kernel_lowers_for_hopper():
-  """The experimental Mosaic GPU sparse MLA kernel (cp.async producer + two wgmma consumers) lowers for an
-  H100 on the CPU (its inline cp.async code cannot run in interpret mode; the GPU test checks numerics)."""
-  from pallas_kernels.sparse_mla_mgpu import sparse_mla_mgpu
+@pytest.mark.parametrize("k_splits", [1, None])
+def test_mosaic_gpu_kernel_lowers_for_hopper(k_splits):
+  """The Mosaic GPU sparse MLA kernel (cp.async producer + two wgmma consumers) lowers for an H100 on the
+  CPU, whole and split over the top-k (its inline cp.async code cannot run in interpret mode; the GPU test
+  checks numerics); it refuses what it does not take."""
+  from pallas_kernels.sparse_mla_mgpu import SparseMlaMgpuConfig, sparse_mla_mgpu
   args = [jnp.zeros(shape, jnp.bfloat16) for shape in ((1, 3, 128, 512), (1, 3, 128, 64), (1, 300, 512), (1, 300, 64))]
   idx = jnp.zeros((1, 3, 100), jnp.int32)
-  text = jax.jit(lambda *a: sparse_mla_mgpu(*a, idx, 0.1)).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
+  run = lambda *a: sparse_mla_mgpu(*a, idx, 0.1, SparseMlaMgpuConfig(k_splits=k_splits))  # noqa: E731
+  assert "mosaic_gpu" in jax.jit(run).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   with pytest.raises(TypeError, match="bf16"):
     sparse_mla_mgpu(*(a.astype(jnp.float32) for a in args), idx, 0.1)
+  with pytest.raises(ValueError, match="rope part of 64"):
+    sparse_mla_mgpu(args[0], args[1][..., :32], args[2], args[3][..., :32], idx, 0.1)
 
 
 @pytest.mark.gpu
 def test_mosaic_gpu_kernel_on_gpu(rng):
   """Against the float32 reference: random rows with duplicates, short selections (-1 slots), two sequences."""
-  from pallas_kernels.sparse_mla_mgpu import sparse_mla_mgpu
+  from pallas_kernels.sparse_mla_mgpu import SparseMlaMgpuConfig, sparse_mla_mgpu
   args = inputs(rng, 2, 5, 128, 512, 64, 5000, 2048, jnp.bfloat16)
-  got = jax.jit(lambda *a: sparse_mla_mgpu(*a, 0.05))(*args)
-  ref = sparse_attention_scaled(0.05, *(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args))
-  assert rel_err(got.astype(jnp.float32), ref) < 2e-2
+  exact = [a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args]
+  ref, ref_lse = sparse_attention_scaled(0.05, *exact), lse_numpy(*exact, 0.05)
+  for k_splits in (1, 3):
+    got, lse = jax.jit(lambda *a: sparse_mla_mgpu(*a, 0.05, SparseMlaMgpuConfig(k_splits=k_splits)))(*args)
+    assert rel_err(got.astype(jnp.float32), ref) < 2e-2
+    assert rel_err(lse, ref_lse) < 1e-3

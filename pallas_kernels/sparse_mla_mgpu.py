@@ -50,7 +50,6 @@ LATENT, ROPE = 512, 64  # the only row layout the kernel takes (its shared memor
 HALF = LATENT // 2      # output columns a consumer; also where a tile's left half ends
 PIECE = 16       # bytes a cp.async copies
 LOG2E = math.log2(math.e)
-_PIPELINE = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,15 +327,12 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
             plgpu.barrier_wait(free)
           _gather_half(kv_gmem, k_pe_gmem, idx_gmem, slot_raw[slot], rows_of_64, qi, first_tile + 2 * i + slot,
                        row0, slot, is_right, post_valid=(slot == 0) != is_right, l2_prefetch=config.l2_prefetch)
-          if not _PIPELINE:
-            hand_over(slot, is_right, pending=0)
-          elif n:
+          if n:
             hand_over(*order[n - 1][:2], pending=1)
           else:
             pl.when(i > 0)(lambda: hand_over(*order[-1][:2], pending=1))
 
-      if _PIPELINE:
-        pl.when(n_pairs > 0)(lambda: hand_over(*order[-1][:2], pending=0))
+      pl.when(n_pairs > 0)(lambda: hand_over(*order[-1][:2], pending=0))
 
   def entry(*refs):
     pl.run_scoped(

@@ -274,8 +274,8 @@ def sparse_mla(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv
   Reference: ``dsv32_jax.mla.sparse_attention_scaled``; GPU: on a Hopper GPU with a bf16 cache
   ``pallas_kernels.sparse_mla_mgpu`` (Mosaic GPU, wgmma; 1.3-1.4x the Triton kernel in prefill on an H100,
   BENCHMARKS.md; ``config``: its ``SparseMlaMgpuConfig``), else ``pallas_kernels.sparse_mla_gpu`` (Triton;
-  an FP8 cache, float32, other GPUs, or a ``SparseMlaGpuConfig`` given); TPU: ``pallas_kernels.sparse_mla_tpu`` (token-granular DMAs), or
-  ``pallas_kernels.sparse_mla_blocks_tpu`` when ``config`` is a ``SparseMlaBlocksTpuConfig`` (64-token
+  an FP8 cache, float32, other GPUs, or a ``SparseMlaGpuConfig`` given); TPU: ``pallas_kernels.sparse_mla_tpu``
+  (token-granular DMAs), or ``pallas_kernels.sparse_mla_blocks_tpu`` when ``config`` is a ``SparseMlaBlocksTpuConfig`` (64-token
   blocks; indices must be distinct).
   """
   backend = _sparse_mla_backend(q_lat.dtype, kv.shape[-1], k_pe.shape[-1], impl)

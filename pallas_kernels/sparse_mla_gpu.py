@@ -126,8 +126,7 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
   n_hb, tiles = h_pad // bh, k_pad // bk
   # Tiles past a query's last valid slot hold only -1 and are skipped: the selection puts its unused
   # slots last, so a query that sees fewer keys than k (the first k of a prefill) does less work.
-  slots = jnp.arange(1, k_pad + 1, dtype=jnp.int32)
-  live_tiles = -(-jnp.max(jnp.where(idx >= 0, slots, 0), axis=-1) // bk)  # [b, s]
+  live_tiles = count_live_tiles(idx, bk)  # [b, s]
   splits = _k_splits(config, b * s * n_hb, tiles)
   tiles_per_split = -(-tiles // splits)
 
@@ -192,6 +191,12 @@ def sparse_mla_gpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"]
   )(live_tiles, idx, q_lat, q_pe, kv, k_pe, *((kv_scale.astype(jnp.float32),) if fp8 else ()))
   o, lse = merge_splits(o, lse, q_lat.dtype)
   return o[..., :h, :], lse[..., :h]
+
+
+def count_live_tiles(idx: Int[Array, "*q k"], block_k: int) -> Int[Array, "*q"]:
+  """Tiles of block_k slots up to each row's last valid (>= 0) slot: the tiles a kernel must visit."""
+  slots = jnp.arange(1, idx.shape[-1] + 1, dtype=jnp.int32)
+  return -(-jnp.max(jnp.where(idx >= 0, slots, 0), axis=-1) // block_k)
 
 
 def merge_splits(o: Float[Array, "b s n h c"], lse: Float[Array, "b s n h"], dtype) -> tuple[Array, Array]:

@@ -42,7 +42,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, Int
 
 from dsv32_jax.mla import sparse_attention_scaled as reference  # noqa: F401  (what this kernel matches)
-from pallas_kernels.sparse_mla_gpu import NUM_SMS, merge_splits
+from pallas_kernels.sparse_mla_gpu import NUM_SMS, count_live_tiles, merge_splits
 
 HEADS = 64       # heads a CTA (the wgmma M dimension)
 BLOCK_K = 64     # selected rows a tile (the output wgmma's K: a multiple of 64 with the 128-byte swizzle)
@@ -165,8 +165,7 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
   pad_heads = lambda a: jnp.pad(a.reshape(n_q, h, -1), ((0, 0), (0, h_pad - h), (0, 0)))  # noqa: E731
   idx = jnp.pad(idx, ((0, 0), (0, 0), (0, k_pad - k)), constant_values=-1)
   idx = jnp.where((idx >= 0) & (idx < t), idx, -1).astype(jnp.int32).reshape(n_q, k_pad)
-  slots_ = jnp.arange(1, k_pad + 1, dtype=jnp.int32)
-  live_tiles = -(-jnp.max(jnp.where(idx >= 0, slots_, 0), axis=-1) // BLOCK_K)  # [n_q]
+  live_tiles = count_live_tiles(idx, BLOCK_K)  # [n_q]
   pairs = tiles // 2
   splits = config.k_splits or -(-2 * NUM_SMS // (n_q * n_hb))
   splits = max(1, min(splits, pairs))
@@ -174,11 +173,12 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
   c_scale = scale * LOG2E  # scores in log2 units: exp2 below
 
   def kernel(q_lat_gmem, q_pe_gmem, kv_gmem, k_pe_gmem, idx_gmem, live_gmem, out_gmem, lse_gmem, q_and_out, slot0,
-             slot1, p1_smem, rows_of_64,
-             q_barrier, ready, free_one, free_two, m_ready, p_ready, done):
+             slot1, p1_smem, rows_of_64, q_barrier, ready, free_one, free_two, m_ready, p_ready, done):
     # Small per-row values in one buffer (shared memory comes in 1 KiB units; 2 KiB are left): the tiles'
     # valid slots, the running maxima the consumers trade, and their sums.
-    valid_row, m_row, l_row = (lambda i: rows_of_64.at[i]), (lambda i: rows_of_64.at[2 + i]), (lambda i: rows_of_64.at[4 + i])
+    def valid_row(slot): return rows_of_64.at[slot]
+    def m_row(wg): return rows_of_64.at[2 + wg]
+    def l_row(wg): return rows_of_64.at[4 + wg]
     (q_lat_smem, q_pe_smem), o_smem = q_and_out  # the output reuses the queries' bytes once both are done
     (raw0, tile0), (raw1, tile1) = slot0, slot1  # even tiles in slot 0, odd tiles in slot 1
     slot_raw, slot_tiled = (raw0, raw1), (tile0, tile1)

@@ -1,31 +1,37 @@
 """The Mosaic GPU sparse MLA kernel against the float32 reference and the Triton kernel, side by side.
 
-  PYTHONPATH=. python3 benchmarks/sparse_mla_mgpu_check.py [--contexts 4096 131072] [--queries 2048] [--decode-batch 32]
+  PYTHONPATH=. python3 benchmarks/sparse_mla_mgpu_check.py [--contexts 4096 32768 131072] [--queries 2048]
+      [--decode-batch 1 32 128] [--patterns random window]
 
-Random rows (duplicates allowed), 128 heads, latent 512 + rope 64, top-k 2048; the check uses short
-selections for the first queries (-1 slots). Decode inputs give each sequence its own 128K cache, so
-batches much above 32 do not fit an H100.
+128 heads, latent 512 + rope 64, top-k 2048; the check uses short selections for the first queries (-1
+slots). Prefill selections: ``random`` -- rows drawn at random (duplicates allowed), the pessimistic case;
+``window`` -- query q selects rows q .. q + 2047 (mod the context): neighbouring queries share almost all
+rows, as DSA's selections of neighbouring queries largely do. Prefill is timed by wall clock (milliseconds
+a call); decode, whose calls are tens of microseconds, by device time (``timing.chained_seconds``), as a
+share of the measured HBM bandwidth over the bytes it must read (the selected rows, the queries) and write.
+Each decode sequence has its own 128K bf16 cache (batch 128: 19 GB).
 """
 import argparse
 import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from benchmarks.timing import median_seconds, rel_err
+from benchmarks.timing import chained_seconds, measured_hbm_bandwidth, median_seconds, rel_err
 from dsv32_jax.mla import sparse_attention_scaled
 from pallas_kernels.sparse_mla_gpu import flops, sparse_mla_gpu
 from pallas_kernels.sparse_mla_mgpu import SparseMlaMgpuConfig, sparse_mla_mgpu
 
 
-def inputs(key, b, s, h, t, k, valid_first=None):
+def inputs(key, b, s, h, t, k, valid_first=None, window=False):
   ks = jax.random.split(key, 5)
-  q = jax.random.normal(ks[0], (b, s, h, 512), jnp.float32).astype(jnp.bfloat16)
-  qp = jax.random.normal(ks[1], (b, s, h, 64), jnp.float32).astype(jnp.bfloat16)
-  kv = jax.random.normal(ks[2], (b, t, 512), jnp.float32).astype(jnp.bfloat16)
-  kp = jax.random.normal(ks[3], (b, t, 64), jnp.float32).astype(jnp.bfloat16)
-  idx = jax.random.randint(ks[4], (b, s, k), 0, t, jnp.int32)  # duplicates allowed: both kernels take them
+  bf = jnp.bfloat16
+  q, qp = jax.random.normal(ks[0], (b, s, h, 512), bf), jax.random.normal(ks[1], (b, s, h, 64), bf)
+  kv, kp = jax.random.normal(ks[2], (b, t, 512), bf), jax.random.normal(ks[3], (b, t, 64), bf)
+  if window:
+    idx = jnp.broadcast_to((jnp.arange(s)[:, None] + jnp.arange(k)[None, :]) % t, (b, s, k)).astype(jnp.int32)
+  else:
+    idx = jax.random.randint(ks[4], (b, s, k), 0, t, jnp.int32)  # duplicates allowed: both kernels take them
   if valid_first is not None:  # the first queries use fewer slots (-1 after)
     n = jnp.minimum(jnp.arange(s) * 7 + 1, k)
     idx = jnp.where(jnp.arange(k)[None, None, :] < n[None, :, None], idx, -1)
@@ -34,10 +40,11 @@ def inputs(key, b, s, h, t, k, valid_first=None):
 
 def main(argv=None):
   ap = argparse.ArgumentParser()
-  ap.add_argument("--contexts", type=int, nargs="*", default=[4096, 131072])
+  ap.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768, 131072])
   ap.add_argument("--queries", type=int, default=2048)
-  ap.add_argument("--decode-batch", type=int, nargs="*", default=[1, 32])
-  ap.add_argument("--l2-prefetch", type=int, nargs="*", default=[0], help="SparseMlaMgpuConfig.l2_prefetch values")
+  ap.add_argument("--decode-batch", type=int, nargs="*", default=[1, 32, 128])
+  ap.add_argument("--patterns", nargs="*", default=["random", "window"], choices=["random", "window"],
+                  help="prefill selections")
   args = ap.parse_args(argv)
   scale = 0.07
   q, qp, kv, kp, idx = inputs(jax.random.key(0), 2, 5, 128, 5000, 2048, valid_first=True)
@@ -52,18 +59,27 @@ def main(argv=None):
   none = idx.at[0, 1].set(-1)  # a query without a valid slot: zeros, lse -inf
   got, lse = jax.jit(lambda *a: sparse_mla_mgpu(*a, scale))(q, qp, kv, kp, none)
   print(f"query without valid slots: max |o| {float(jnp.abs(got[0, 1]).max())}, lse {float(lse[0, 1].max())}", flush=True)
-  cases = [(f"prefill, {args.queries} queries at context {t:,}", 1, args.queries, t) for t in args.contexts]
-  cases += [(f"decode, batch {b}, cache 131,072", b, 1, 131072) for b in args.decode_batch]
-  for what, b, s, t in cases:
-    a = inputs(jax.random.key(t + b), b, s, 128, t, 2048)
-    f = flops(b, s, 128, 512, 64, 2048)
-    kernels = [("triton", lambda *x: sparse_mla_gpu(*x, scale)[0])]
-    kernels += [(f"mgpu l2 {p}", lambda *x, p=p: sparse_mla_mgpu(*x, scale, SparseMlaMgpuConfig(l2_prefetch=p))[0])
-                for p in args.l2_prefetch]
+  kernels = [("triton", lambda *x: sparse_mla_gpu(*x, scale)[0]), ("mgpu", lambda *x: sparse_mla_mgpu(*x, scale)[0])]
+  for t in args.contexts:
+    for pattern in args.patterns:
+      a = inputs(jax.random.key(t), 1, args.queries, 128, t, 2048, window=pattern == "window")
+      f = flops(1, args.queries, 128, 512, 64, 2048)
+      for name, fn in kernels:
+        sec = median_seconds(jax.jit(fn), *a, iters=10)
+        print(f"prefill, {args.queries} queries at context {t:>7,} ({pattern:6s}) {name:6s} {sec * 1e3:8.3f} ms  "
+              f"{f / sec / 1e12:6.1f} TFLOP/s", flush=True)
+      del a
+  hbm = measured_hbm_bandwidth()
+  print(f"HBM (device copy): {hbm / 1e12:.2f} TB/s", flush=True)
+  for b in args.decode_batch:
+    a = inputs(jax.random.key(b), b, 1, 128, 131072, 2048)
+    f = flops(b, 1, 128, 512, 64, 2048)
+    moved = b * 2048 * 576 * 2 + b * 128 * (576 + 512) * 2  # selected rows, queries in, output out (bf16)
     for name, fn in kernels:
-      sec = median_seconds(jax.jit(fn), *a, iters=5)
-      print(f"{what:45s} {name:12s} {sec * 1e3:8.3f} ms  {f / sec / 1e12:6.1f} TFLOP/s", flush=True)
-
+      sec = chained_seconds(fn, *a, reps=10)
+      print(f"decode, batch {b:3d}, cache 131,072: {name:6s} device {sec * 1e6:8.1f} us  {moved / sec / 1e12:5.2f} TB/s "
+            f"({moved / sec / hbm:5.1%} of HBM)  {f / sec / 1e12:6.1f} TFLOP/s", flush=True)
+    del a
 
 if __name__ == "__main__":
   sys.exit(main())

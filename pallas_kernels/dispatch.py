@@ -272,7 +272,7 @@ def sparse_mla(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv
 
   o[t,h] = softmax_j((q_lat[t,h] . kv[idx[t,j]] + q_pe[t,h] . k_pe[idx[t,j]]) * scale) . kv[idx[t,j]]
   Reference: ``dsv32_jax.mla.sparse_attention_scaled``; GPU: on a Hopper GPU with a bf16 cache
-  ``pallas_kernels.sparse_mla_mgpu`` (Mosaic GPU, wgmma; 1.3-1.4x the Triton kernel in prefill on an H100,
+  ``pallas_kernels.sparse_mla_mgpu`` (Mosaic GPU, wgmma; 1.4-1.6x the Triton kernel in prefill on an H100,
   BENCHMARKS.md; ``config``: its ``SparseMlaMgpuConfig``), else ``pallas_kernels.sparse_mla_gpu`` (Triton;
   an FP8 cache, float32, other GPUs, or a ``SparseMlaGpuConfig`` given); TPU: ``pallas_kernels.sparse_mla_tpu``
   (token-granular DMAs), or ``pallas_kernels.sparse_mla_blocks_tpu`` when ``config`` is a ``SparseMlaBlocksTpuConfig`` (64-token

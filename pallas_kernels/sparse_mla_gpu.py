@@ -15,9 +15,10 @@ and its ``cp.async`` path takes no indices ("Gather/scatter unsupported for the 
 layout its MMA wants. Two ways around both work on an H100 (``benchmarks/gather_rows_mgpu.py``): per-row
 TMA into a (1, 64)-tiled view aliased with the (8, 64) one wgmma reads is issue-bound at ~0.75 TB/s, but
 16-byte ``cp.async`` copies from all 128 threads of a warpgroup, written through ``plgpu.inline_mgpu``
-straight to their swizzled places, gather at 1.8 TB/s (2.8 from L2) unpipelined. A first FlashMLA-style
-kernel on that gather, ``pallas_kernels/sparse_mla_mgpu.py``, is correct but still slower than this one
-(153 vs 222 TFLOP/s at 4K on an H100: BENCHMARKS.md), so this one stays the default.
+straight to their swizzled places, gather at 1.8 TB/s (2.8 from L2) unpipelined. The FlashMLA-style
+kernel on that gather, ``pallas_kernels/sparse_mla_mgpu.py``, is 1.4-1.6x this one in prefill on an H100
+(BENCHMARKS.md) and is the default for bf16 caches on Hopper; this one serves FP8 caches, float32 and
+other GPUs.
 
 Work decomposition. A program owns one query, ``block_h`` heads (MLA's MQA form: every head reads the
 same rows, so a gathered tile serves all of them -- the FlashMLA lesson) and a contiguous share of the

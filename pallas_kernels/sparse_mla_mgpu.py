@@ -13,8 +13,10 @@ range of the query's top-k slots, and runs three warpgroups over pairs of 64-row
   memory tiles, even tile -> slot 0, odd tile -> slot 1. Its 128 threads issue 16-byte ``cp.async`` copies
   straight to their places in wgmma's 128-byte-swizzled (8, 64) tiling (Pallas Mosaic GPU's own copies
   cannot gather on Hopper; ``benchmarks/gather_rows_mgpu.py``). Each tile arrives, and is released, in two
-  halves -- left = latent columns [0, 256), right = [256, 576) -- so that the next pair's halves that the
-  consumers are done with are in flight while the rest of the pair is still being used.
+  halves -- left = latent columns [0, 256), right = [256, 576) -- in the order the consumers need them
+  (slot 0 left, slot 1 right, slot 0 right, slot 1 left, as FlashMLA). The producer issues a half as soon
+  as its ``free`` barrier says the consumers are done with it and never waits for its own copies: they
+  complete the half's raw ``ready`` mbarrier themselves (``cp.async.mbarrier.arrive.noinc``).
 - consumer w (0 or 1) computes the scores of tile w only (S_w = [q_lat | q_pe] . tile_w^T, one wgmma over
   576) and owns output columns [256 w, 256 w + 256) (a 64 x 256 float32 accumulator: all 512 would not fit
   one warpgroup's registers). The two share a running maximum through shared memory -- consumer 0 posts
@@ -22,6 +24,10 @@ range of the query's top-k slots, and runs three warpgroups over pairs of 64-row
   probabilities P_w = exp(S_w - m) into the values of both tiles: its own P_w from registers, the other's
   from shared memory (P_0 in slot 0's rope columns, which nothing reads after consumer 0's scores; P_1 in
   a buffer of its own). No score is computed twice.
+
+Registers: consumers 232, producer 40 a thread (``SparseMlaMgpuConfig.registers``; FlashMLA's 216/72 measured
+slower here). ptxas still spills ~0.5 KiB a thread in consumer 0, which overlaps its next tile's scores with
+this tile's output wgmma; every variant that cut the spills (no overlap, a per-consumer epilogue) was slower.
 
 Top-k splits (flash-decoding, for small batches): each CTA returns its normalised partial output and its
 log-sum-exp, merged by ``sparse_mla_gpu.merge_splits``. Tiles past a query's last valid slot are not
@@ -59,10 +65,17 @@ class SparseMlaMgpuConfig:
   k_splits: int | None = None   # CTAs per (query, head block) along the top-k; None: enough CTAs for two
                                 # waves over the GPU (one CTA fits an SM: 224 KiB of shared memory)
   l2_prefetch: int = 0          # 0, 64, 128 or 256: the L2 fetches that many bytes around each copied piece
+  registers: tuple[int, int] = (232, 40)  # registers a thread of each consumer, of the producer (setmaxnreg)
 
   def __post_init__(self):
     if self.l2_prefetch not in (0, 64, 128, 256):
       raise ValueError(f"SparseMlaMgpuConfig.l2_prefetch = {self.l2_prefetch}: expected 0, 64, 128 or 256")
+    consumer, producer = self.registers
+    if any(n % 8 or not 24 <= n <= 256 for n in self.registers) or 2 * consumer + producer > 3 * 168:
+      # The CTA's pool is what its 384 threads get at launch, 168 each (65536 / 384, in steps of 8): a
+      # warpgroup asking for more than the others gave back would wait for ever.
+      raise ValueError(f"SparseMlaMgpuConfig.registers = {self.registers}: expected multiples of 8 in [24, 256] "
+                       "with 2 x consumer + producer <= 504")
 
 
 def supports(c: int, r: int) -> bool:
@@ -74,16 +87,18 @@ def _tiled(shape):
   return plgpu.SMEM(shape, jnp.bfloat16, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
-def _gather_half(kv, k_pe, idx, slot_raw, valid, query, tile, row0, slot: int, right: bool, post_valid: bool,
+def _gather_half(kv, k_pe, idx, slot_raw, idx_and_ready, query, tile, row0, slot: int, right: bool,
                  l2_prefetch: int):
   """The producer's 128 threads copy one half of tile ``tile`` of query ``query``'s selection -- rows
   row0 + max(idx[query, 64 tile + i], 0) of [kv | k_pe] ([N, 512] and [N, 64] bf16, read in place: a
   concatenated copy of a whole cache would cost more than the attention), columns [0, 256) (left) or
-  [256, 576) (right) -- into slot_raw (the raw bytes of a [64, 576] ref tiled (8, 64) and swizzled by 128 bytes: row
-  i's 16-byte piece p goes to ((i // 8) * 9 + p // 8) * 1024 + (i % 8) * 128 + ((p % 8) ^ (i % 8)) * 16), as
-  one cp.async group. Thread t copies pieces t % 8 + 8 n of rows
-  t // 8 + 16 m: eight neighbours copy 128 contiguous bytes of a row. With ``post_valid`` it also writes
-  valid[slot, i] = 1.0 if idx >= 0 else 0.0 (float32), which masks the -1 slots' scores (they read row row0)."""
+  [256, 576) (right) -- into slot_raw (the raw bytes of a [64, 576] ref tiled (8, 64) and swizzled by 128
+  bytes: row i's 16-byte piece p goes to ((i // 8) * 9 + p // 8) * 1024 + (i % 8) * 128 + ((p % 8) ^ (i % 8)) * 16).
+  Thread t copies pieces t % 8 + 8 n of rows t // 8 + 16 m: eight neighbours copy 128 contiguous bytes of
+  a row. With the slot's first half (slot 0's left, slot 1's right) threads 0-15 also copy the tile's 64
+  indices into idx_and_ready[slot] (the consumers mask the -1 slots, which read row row0, from them).
+  Each thread then has its copies arrive on the half's ``ready`` mbarrier (in idx_and_ready) as they land
+  (``cp.async.mbarrier.arrive.noinc``): the producer never waits for its own copies."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, nvvm
   from jax.experimental.mosaic.gpu import utils as mu
@@ -92,7 +107,7 @@ def _gather_half(kv, k_pe, idx, slot_raw, valid, query, tile, row0, slot: int, r
   tiles = range(HALF // 64, col_tiles) if right else range(HALF // 64)
 
   @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * 5 + (plgpu.Layout.WG_SPLAT,) * 3)
-  def gather(ctx, kv, k_pe, idx, dst, valid, query, tile, row0):
+  def gather(ctx, kv, k_pe, idx, dst, idx_and_ready, query, tile, row0):
     del ctx
     query, tile, row0 = (a.registers.item() for a in (query, tile, row0))
     i32, i64, i8 = (ir.IntegerType.get_signless(n) for n in (32, 64, 8))
@@ -103,17 +118,12 @@ def _gather_half(kv, k_pe, idx, slot_raw, valid, query, tile, row0, slot: int, r
     global_ptr = lambda ref: llvm.addrspacecast(llvm.PointerType.get(address_space=1), mu.memref_ptr(ref))  # noqa: E731
     kv_ptr, pe_ptr = global_ptr(kv), global_ptr(k_pe)
     slot_ptr = mu.memref_ptr(dst)
+    tile_start = arith.muli(tile, c32(BLOCK_K))
     swizzled = arith.muli(arith.xori(lane, arith.remui(group, c32(8))), c32(PIECE))  # (p % 8) ^ (i % 8), i % 8 = group % 8
     in_group = arith.addi(arith.muli(arith.remui(group, c32(8)), c32(128)), swizzled)
     for m in range(BLOCK_K // 16):
       row = arith.addi(group, c32(16 * m))
-      sel = memref.load(idx, [arith.index_cast(index, query),
-                              arith.index_cast(index, arith.addi(arith.muli(tile, c32(BLOCK_K)), row))])
-      if post_valid:
-        f32 = ir.F32Type.get()
-        memref.store(arith.select(arith.cmpi(arith.CmpIPredicate.sge, sel, c32(0)), arith.constant(f32, 1.0),
-                                  arith.constant(f32, 0.0)), valid,
-                     [arith.constant(index, slot), arith.index_cast(index, row)])
+      sel = memref.load(idx, [arith.index_cast(index, query), arith.index_cast(index, arith.addi(tile_start, row))])
       src_row = arith.extui(i64, arith.addi(row0, arith.maxsi(sel, c32(0))))
       in_row = arith.extui(i64, arith.muli(lane, c32(PIECE // 2)))
       row_tiles = arith.muli(arith.divui(row, c32(8)), c32(col_tiles))
@@ -126,21 +136,59 @@ def _gather_half(kv, k_pe, idx, slot_raw, valid, query, tile, row0, slot: int, r
           mu.inline_ptx(f"cp.async.cg.shared.global.L2::{l2_prefetch}B [$0], [$1], {PIECE};", dst_ptr, src_ptr)
         else:
           nvvm.cp_async_shared_global(dst_ptr, src_ptr, PIECE, nvvm.LoadCacheModifierKind.CG)
-    nvvm.cp_async_commit_group()
+    if (slot == 0) != right:  # the slot's first half: its indices too (16 threads x 4)
+      with mu.when(arith.cmpi(arith.CmpIPredicate.ult, tid, c32(BLOCK_K // 4))):
+        idx_src = mu.getelementptr(global_ptr(idx), [arith.extui(i64, arith.addi(
+            arith.muli(query, c32(idx.type.shape[1])), arith.addi(tile_start, arith.muli(tid, c32(4)))))], i32)
+        idx_dst_ptr = mu.getelementptr(mu.memref_ptr(idx_and_ready), [arith.addi(c32(slot * BLOCK_K), arith.muli(tid, c32(4)))], i32)
+        nvvm.cp_async_shared_global(idx_dst_ptr, idx_src, PIECE, nvvm.LoadCacheModifierKind.CG)
+    nvvm.cp_async_mbarrier_arrive(_mbarrier(idx_and_ready, 2 * slot + right), noinc=True)
 
-  gather(kv, k_pe, idx, slot_raw, valid, query, tile, row0)
+  gather(kv, k_pe, idx, slot_raw, idx_and_ready, query, tile, row0)
 
 
-def _wait_gathers(pending: int):
-  """Waits until at most ``pending`` of this thread's cp.async groups are in flight."""
-  from jax._src.lib.mlir.dialects import nvvm
+def _mbarrier(idx_and_ready, k: int):
+  """The address of ready mbarrier k: in row 2 of the [3, 64] int32 buffer whose rows 0-1 hold the two
+  slots' indices (shared memory is allotted in 1 KiB units, and a kernel gets 227 KiB)."""
+  from jax._src.lib.mlir import ir
+  from jax.experimental.mosaic.gpu import utils as mu
+  return mu.getelementptr(mu.memref_ptr(idx_and_ready), [BLOCK_K // 2 + k], ir.IntegerType.get_signless(64))
 
-  @plgpu.inline_mgpu()
-  def wait(ctx):
+
+def _init_ready(idx_and_ready):
+  """Thread 0 initialises the four ``ready`` mbarriers (128 arrivals: one per producer thread's copies);
+  then the whole CTA synchronises. Called by every warpgroup before they part."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import gpu, nvvm
+  from jax.experimental.mosaic.gpu import utils as mu
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),))
+  def init(ctx, raw):
     del ctx
-    nvvm.cp_async_wait_group(pending)
+    first = mu.single_thread_predicate(scope=mu.ThreadSubset.BLOCK)
+    for k in range(4):
+      nvvm.mbarrier_init(_mbarrier(raw, k), mu.c(128, ir.IntegerType.get_signless(32)), predicate=first)
+    mu.inline_ptx("fence.mbarrier_init.release.cluster;", has_side_effects=True)
+    gpu.barrier()
 
-  wait()
+  init(idx_and_ready)
+
+
+def _wait_ready(idx_and_ready, k: int, parity):
+  """Waits for phase ``parity`` of ``ready`` mbarrier k (the pair's tiles complete each barrier once), then
+  orders the landed bytes before this warpgroup's wgmma reads (they come through the async proxy)."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, nvvm
+  from jax.experimental.mosaic.gpu import utils as mu
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.Layout.WG_SPLAT))
+  def wait(ctx, raw, parity):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    nvvm.mbarrier_try_wait_parity(_mbarrier(raw, k), parity.registers.item(), arith.constant(i32, 10000000))
+    nvvm.fence_proxy(nvvm.ProxyKind.async_shared, space=nvvm.SharedSpace.shared_cta)
+
+  wait(idx_and_ready, parity)
 
 
 def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv: Float[Array, "b t c"],
@@ -173,12 +221,10 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
   c_scale = scale * LOG2E  # scores in log2 units: exp2 below
 
   def kernel(q_lat_gmem, q_pe_gmem, kv_gmem, k_pe_gmem, idx_gmem, live_gmem, out_gmem, lse_gmem, q_and_out, slot0,
-             slot1, p1_smem, rows_of_64, q_barrier, ready, free_one, free_two, m_ready, p_ready, done):
-    # Small per-row values in one buffer (shared memory comes in 1 KiB units; 2 KiB are left): the tiles'
-    # valid slots, the running maxima the consumers trade, and their sums.
-    def valid_row(slot): return rows_of_64.at[slot]
-    def m_row(wg): return rows_of_64.at[2 + wg]
-    def l_row(wg): return rows_of_64.at[4 + wg]
+             slot1, p1_smem, rows_of_64, idx_smem, q_barrier, free_one, free_two, m_ready, p_ready, done):
+    # Small per-row values: the running maxima the consumers trade and their sums; the tiles' indices.
+    def m_row(wg): return rows_of_64.at[wg]
+    def l_row(wg): return rows_of_64.at[2 + wg]
     (q_lat_smem, q_pe_smem), o_smem = q_and_out  # the output reuses the queries' bytes once both are done
     (raw0, tile0), (raw1, tile1) = slot0, slot1  # even tiles in slot 0, odd tiles in slot 1
     slot_raw, slot_tiled = (raw0, raw1), (tile0, tile1)
@@ -187,25 +233,34 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
     wg = lax.axis_index("wg")
     first_tile = split * (2 * pairs_per_split)
     n_pairs = jnp.clip(-(-(live_gmem[qi] - first_tile) // 2), 0, pairs_per_split)
-    # Barriers of a tile half: ready[2 slot + right] (producer -> consumers); released by the consumers
-    # that read it: slot 0 left (consumer 0) and slot 1 right (consumer 1) in free_one[slot], slot 0 right
-    # and slot 1 left (both) in free_two[slot].
-    left = pl.ds(0, HALF)
+    # Barriers of a tile half k = 2 slot + right: ready[k] (a raw mbarrier the producer's copies complete
+    # as they land; phase = pair parity); released by the consumers that read it: slot 0 left (consumer 0)
+    # and slot 1 right (consumer 1) in free_one[slot], slot 0 right and slot 1 left (both) in free_two[slot].
+    _init_ready(idx_smem)
+    left, right = pl.ds(0, HALF), pl.ds(HALF, HALF)
     p0_smem = tile0.at[:, pl.ds(c, BLOCK_K)]  # P_0 lives in slot 0's rope columns
+    zero_scores = plgpu.layout_cast(jnp.zeros((HEADS, BLOCK_K), jnp.float32), plgpu.Layout.WGMMA)
 
-    def scores(slot, right_first: bool):
+    def issue_scores(s_ref, slot, is_right, i):
+      """Issues the wgmma of one half of pair i's tile ``slot``'s scores into s_ref, once the half is in."""
       keys = slot_tiled[slot]
-      def run(acc_ref):
+      _wait_ready(idx_smem, 2 * slot + is_right, lax.rem(i, 2))
+      if is_right:
+        plgpu.wgmma(s_ref, q_lat_smem.at[:, right], keys.at[:, right].T)
+        plgpu.wgmma(s_ref, q_pe_smem, keys.at[:, pl.ds(c, r)].T)
+      else:
+        plgpu.wgmma(s_ref, q_lat_smem.at[:, left], keys.at[:, left].T)
+
+    def scores(slot, right_first: bool, i):
+      def run(s_ref):
         for is_right in (right_first, not right_first):
-          plgpu.barrier_wait(ready.at[2 * slot + is_right])
-          if is_right:
-            plgpu.wgmma(acc_ref, q_lat_smem.at[:, pl.ds(HALF, HALF)], keys.at[:, pl.ds(HALF, HALF)].T)
-            plgpu.wgmma(acc_ref, q_pe_smem, keys.at[:, pl.ds(c, r)].T)
-          else:
-            plgpu.wgmma(acc_ref, q_lat_smem.at[:, left], keys.at[:, left].T)
-        return acc_ref[...]
-      sc = pl.run_scoped(run, plgpu.ACC((HEADS, BLOCK_K), jnp.float32))
-      valid = valid_row(slot)[...] != 0.0
+          issue_scores(s_ref, slot, is_right, i)
+        return s_ref[...]
+      return pl.run_scoped(run, plgpu.ACC((HEADS, BLOCK_K), jnp.float32))
+
+    def masked(sc, slot):
+      """Scores in log2 units, -inf at the tile's -1 slots."""
+      valid = idx_smem.at[slot][...] >= 0
       return jnp.where(lax.broadcast_in_dim(valid, sc.shape, [1]), sc * c_scale, -jnp.inf)
 
     def wgmma_into(acc, a, b_ref):
@@ -225,9 +280,11 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
       return (p * lax.broadcast_in_dim(beta, p.shape, [0]), acc * lax.broadcast_in_dim(beta, acc.shape, [0]),
               l * beta)
 
-    def consumer0(i, carry):
-      acc, m, l = carry
-      sc = scores(0, right_first=False)
+    def consumer0(i, carry, last: bool):
+      """Pair i for consumer 0, whose scores S_0 came with the carry. Unless ``last``, the next pair's S_0
+      is computed while the tensor cores finish this pair's P_1 . V_1 (FlashMLA's overlap)."""
+      acc, m, l, sc = carry
+      sc = masked(sc, 0)
       m0 = jnp.maximum(m, sc.max(axis=1))
       m_row(0)[...] = m0
       plgpu.barrier_arrive(m_ready.at[0])
@@ -241,15 +298,27 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
       plgpu.commit_smem()
       plgpu.barrier_arrive(p_ready.at[0])
       plgpu.barrier_arrive(free_two.at[0])
-      plgpu.barrier_wait(ready.at[2])
+      _wait_ready(idx_smem, 2, lax.rem(i, 2))
       plgpu.barrier_wait(p_ready.at[1])
-      acc = wgmma_into(acc, p1_smem, tile1.at[:, left])  # P_1 . V_1[:, :256]
-      plgpu.barrier_arrive(free_two.at[1])
-      return acc, m1, l
+      if last:
+        acc = wgmma_into(acc, p1_smem, tile1.at[:, left])  # P_1 . V_1[:, :256]
+        plgpu.barrier_arrive(free_two.at[1])
+        return acc, m1, l, sc
+
+      def pv_and_next_scores(refs):
+        acc_ref, s_ref = refs
+        plgpu.wgmma(acc_ref, p1_smem, tile1.at[:, left])  # P_1 . V_1[:, :256]
+        issue_scores(s_ref, 0, False, i + 1)              # the next pair's S_0, left half
+        plgpu.wgmma_wait(1)                               # P_1 . V_1 done
+        plgpu.barrier_arrive(free_two.at[1])
+        issue_scores(s_ref, 0, True, i + 1)
+      acc, sc = pl.run_state(pv_and_next_scores)((plgpu.ACC.init(acc), plgpu.ACC.init(zero_scores)))
+      return acc, m1, l, sc
 
     def consumer1(i, carry):
+      """Pair i for consumer 1: its scores S_1, then both its P . V products in flight together."""
       acc, m, l = carry
-      sc = scores(1, right_first=True)  # the producer sends slot 1's right half first
+      sc = masked(scores(1, True, i), 1)  # the producer sends slot 1's right half first
       plgpu.barrier_arrive(free_two.at[1])  # consumer 1's only read of slot 1's left half
       plgpu.barrier_wait(m_ready.at[0])
       m0 = plgpu.load(m_row(0), layout=plgpu.Layout.WGMMA.reduce(1))
@@ -258,20 +327,24 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
       plgpu.barrier_arrive(m_ready.at[1])
       p, acc, l = softmax(sc, m, m1, acc, l)
       p16 = p.astype(jnp.bfloat16)
-      p1_smem[...] = p16
-      plgpu.commit_smem()
-      plgpu.barrier_arrive(p_ready.at[1])
-      acc = wgmma_into(acc, p16, tile1.at[:, pl.ds(HALF, HALF)])  # P_1 . V_1[:, 256:]
-      plgpu.barrier_arrive(free_one.at[1])
-      plgpu.barrier_wait(ready.at[1])
-      plgpu.barrier_wait(p_ready.at[0])
-      acc = wgmma_into(acc, p0_smem, tile0.at[:, pl.ds(HALF, HALF)])  # P_0 . V_0[:, 256:]
+
+      def pvs(acc_ref):
+        plgpu.wgmma(acc_ref, p16, tile1.at[:, right])  # P_1 . V_1[:, 256:]
+        p1_smem[...] = p16                             # while it runs: P_1 for consumer 0
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(p_ready.at[1])
+        _wait_ready(idx_smem, 1, lax.rem(i, 2))
+        plgpu.barrier_wait(p_ready.at[0])
+        plgpu.wgmma(acc_ref, p0_smem, tile0.at[:, right])  # P_0 . V_0[:, 256:]
+        plgpu.wgmma_wait(1)
+        plgpu.barrier_arrive(free_one.at[1])
+      acc = pl.run_state(pvs)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(free_two.at[0])
       return acc, m1, l
 
     @pl.when(wg < 2)
     def _consumer():
-      plgpu.set_max_registers(232, action="increase")
+      plgpu.set_max_registers(config.registers[0], action="increase")
 
       @pl.when(wg == 0)
       def _():
@@ -282,8 +355,13 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
       init = (plgpu.layout_cast(jnp.zeros((HEADS, HALF), jnp.float32), plgpu.Layout.WGMMA),
               plgpu.layout_cast(jnp.full((HEADS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
               plgpu.layout_cast(jnp.zeros((HEADS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
-      acc, m, l = lax.cond(wg == 0, lambda: lax.fori_loop(0, n_pairs, consumer0, init),
-                           lambda: lax.fori_loop(0, n_pairs, consumer1, init))
+
+      def run_consumer0():
+        first = lax.cond(n_pairs > 0, lambda: scores(0, False, 0), lambda: zero_scores)
+        carry = lax.fori_loop(0, n_pairs - 1, lambda i, cr: consumer0(i, cr, last=False), (*init, first))
+        return lax.cond(n_pairs > 0, lambda: consumer0(n_pairs - 1, carry, last=True)[:3], lambda: carry[:3])
+
+      acc, m, l = lax.cond(wg == 0, run_consumer0, lambda: lax.fori_loop(0, n_pairs, consumer1, init))
       l_row(wg)[...] = l
       plgpu.barrier_arrive(done)  # both consumers are past their last read of the queries
       plgpu.barrier_wait(done)
@@ -305,34 +383,22 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
 
     @pl.when(wg == 2)
     def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(config.registers[1], action="decrease")
       row0 = (qi // s) * t  # the query's sequence's first row in rows_all
 
       # The halves in the order the consumers need them: (slot, right half?, the barrier that frees it).
-      # Two in flight: a half is handed over once the next one is issued. (No deadlock: what the consumers
-      # do before releasing a half never needs the half issued just before it.)
+      # Each is issued as soon as it is free; its copies complete its ready barrier themselves.
       order = ((0, False, free_one.at[0]), (1, True, free_one.at[1]), (0, True, free_two.at[0]),
                (1, False, free_two.at[1]))
 
-      def hand_over(slot, is_right, pending):
-        _wait_gathers(pending)
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(ready.at[2 * slot + is_right])
-
       @pl.loop(0, n_pairs)
       def _(i):
-        for n, (slot, is_right, free) in enumerate(order):
+        for slot, is_right, free in order:
           @pl.when(i > 0)
           def _():
             plgpu.barrier_wait(free)
-          _gather_half(kv_gmem, k_pe_gmem, idx_gmem, slot_raw[slot], rows_of_64, qi, first_tile + 2 * i + slot,
-                       row0, slot, is_right, post_valid=(slot == 0) != is_right, l2_prefetch=config.l2_prefetch)
-          if n:
-            hand_over(*order[n - 1][:2], pending=1)
-          else:
-            pl.when(i > 0)(lambda: hand_over(*order[-1][:2], pending=1))
-
-      pl.when(n_pairs > 0)(lambda: hand_over(*order[-1][:2], pending=0))
+          _gather_half(kv_gmem, k_pe_gmem, idx_gmem, slot_raw[slot], idx_smem, qi,
+                       first_tile + 2 * i + slot, row0, slot, is_right, l2_prefetch=config.l2_prefetch)
 
   def entry(*refs):
     pl.run_scoped(
@@ -340,9 +406,9 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
         plgpu.RefUnion((_tiled((HEADS, c)), _tiled((HEADS, r))), _tiled((2, HEADS, HALF))),
         *[plgpu.RefUnion(plgpu.SMEM((BLOCK_K * width,), jnp.bfloat16), _tiled((BLOCK_K, width)))] * 2,
         _tiled((HEADS, BLOCK_K)),                     # P_1
-        plgpu.SMEM((6, 64), jnp.float32),             # valid slots, maxima, sums (BLOCK_K = HEADS = 64)
+        plgpu.SMEM((4, HEADS), jnp.float32),          # maxima, sums
+        plgpu.SMEM((3, BLOCK_K), jnp.int32),          # the slots' indices; the ready mbarriers
         plgpu.Barrier(num_arrivals=2),                # queries: the latent and the rope part
-        plgpu.Barrier(num_barriers=4),                # ready
         plgpu.Barrier(num_barriers=2),                # free_one
         plgpu.Barrier(num_arrivals=2, num_barriers=2),  # free_two
         plgpu.Barrier(num_barriers=2),                # m_ready

@@ -1,10 +1,11 @@
 """The Mosaic GPU sparse MLA kernel against the float32 reference and the Triton kernel, side by side.
 
   PYTHONPATH=. python3 benchmarks/sparse_mla_mgpu_check.py [--contexts 4096 32768 131072] [--queries 2048]
-      [--decode-batch 1 32 128] [--patterns random window]
+      [--decode-batch 1 32 128] [--patterns random sorted window]
 
 128 heads, latent 512 + rope 64, top-k 2048; the check uses short selections for the first queries (-1
 slots). Prefill selections: ``random`` -- rows drawn at random (duplicates allowed), the pessimistic case;
+``sorted`` -- the same rows in ascending order, as the GPU top-k kernel emits them;
 ``window`` -- query q selects rows q .. q + 2047 (mod the context): neighbouring queries share almost all
 rows, as DSA's selections of neighbouring queries largely do. Prefill is timed by wall clock (milliseconds
 a call); decode, whose calls are tens of microseconds, by device time (``timing.chained_seconds``), as a
@@ -23,15 +24,17 @@ from pallas_kernels.sparse_mla_gpu import flops, sparse_mla_gpu
 from pallas_kernels.sparse_mla_mgpu import SparseMlaMgpuConfig, sparse_mla_mgpu
 
 
-def inputs(key, b, s, h, t, k, valid_first=None, window=False):
+def inputs(key, b, s, h, t, k, valid_first=None, pattern="random"):
   ks = jax.random.split(key, 5)
   bf = jnp.bfloat16
   q, qp = jax.random.normal(ks[0], (b, s, h, 512), bf), jax.random.normal(ks[1], (b, s, h, 64), bf)
   kv, kp = jax.random.normal(ks[2], (b, t, 512), bf), jax.random.normal(ks[3], (b, t, 64), bf)
-  if window:
+  if pattern == "window":
     idx = jnp.broadcast_to((jnp.arange(s)[:, None] + jnp.arange(k)[None, :]) % t, (b, s, k)).astype(jnp.int32)
   else:
     idx = jax.random.randint(ks[4], (b, s, k), 0, t, jnp.int32)  # duplicates allowed: both kernels take them
+    if pattern == "sorted":
+      idx = jnp.sort(idx, axis=-1)
   if valid_first is not None:  # the first queries use fewer slots (-1 after)
     n = jnp.minimum(jnp.arange(s) * 7 + 1, k)
     idx = jnp.where(jnp.arange(k)[None, None, :] < n[None, :, None], idx, -1)
@@ -43,7 +46,7 @@ def main(argv=None):
   ap.add_argument("--contexts", type=int, nargs="*", default=[4096, 32768, 131072])
   ap.add_argument("--queries", type=int, default=2048)
   ap.add_argument("--decode-batch", type=int, nargs="*", default=[1, 32, 128])
-  ap.add_argument("--patterns", nargs="*", default=["random", "window"], choices=["random", "window"],
+  ap.add_argument("--patterns", nargs="*", default=["random", "sorted", "window"], choices=["random", "sorted", "window"],
                   help="prefill selections")
   args = ap.parse_args(argv)
   scale = 0.07
@@ -62,7 +65,7 @@ def main(argv=None):
   kernels = [("triton", lambda *x: sparse_mla_gpu(*x, scale)[0]), ("mgpu", lambda *x: sparse_mla_mgpu(*x, scale)[0])]
   for t in args.contexts:
     for pattern in args.patterns:
-      a = inputs(jax.random.key(t), 1, args.queries, 128, t, 2048, window=pattern == "window")
+      a = inputs(jax.random.key(t), 1, args.queries, 128, t, 2048, pattern=pattern)
       f = flops(1, args.queries, 128, 512, 64, 2048)
       for name, fn in kernels:
         sec = median_seconds(jax.jit(fn), *a, iters=10)

@@ -131,9 +131,6 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   kv = keys.kv if fp8_rows else cache_lib.latent(keys, x.dtype)
   if form == "naive":
     k_nope, v = mla.expand_keys(p, cfg, kv)
-    q_main = q_nope
-  else:
-    q_main = mla.absorb_query(p, cfg, q_nope)
   positions = start[:, None] + jnp.arange(s, dtype=start.dtype)
   key_pos = jnp.arange(kv_len)
 
@@ -150,18 +147,18 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
 
     return jax.lax.cond(jnp.max(pos) < cfg.index_topk, every_visible_key, scored)
 
-  fused = dispatch.fused_mha_implementation(q_main.dtype, cfg.qk_head_dim, opts.kernels) if form == "naive" else None
+  fused = dispatch.fused_mha_implementation(q_nope.dtype, cfg.qk_head_dim, opts.kernels) if form == "naive" else None
   if fused:  # the official form through cuDNN's flash attention: select for every query first, then attend
     idx = None
     if select:
       block = (opts.kernel_query_chunk if dispatch.index_logits_runs_kernel(index_q, keys.index_k, opts.kernels)
                else opts.query_chunk)
       idx = map_query_blocks(select_keys, block, index_q, index_w, positions)
-    o = fused_naive_attention_blocks(cfg, fused, q_main, q_pe, k_nope, v, keys.k_pe, positions, idx,
+    o = fused_naive_attention_blocks(cfg, fused, q_nope, q_pe, k_nope, v, keys.k_pe, positions, idx,
                                      fresh=kv_len == s)
     return linear(p["wo"], o.reshape(b, s, -1)), cache, idx
 
-  def attend(q_main, q_pe, index_q, index_w, pos):
+  def attend(q_nope, q_pe, index_q, index_w, pos):
     visible = key_pos[None, None, :] <= pos[:, :, None]
     idx = None
     if select:
@@ -169,18 +166,20 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
       if not gather:
         visible = visible & selection_mask(idx, kv_len)
     if form == "naive":
-      return mla.naive_attention(cfg, q_main, q_pe, k_nope, v, keys.k_pe, visible), idx
+      return mla.naive_attention(cfg, q_nope, q_pe, k_nope, v, keys.k_pe, visible), idx
+    # The latent form: queries absorbed a block at a time (a 128K prompt's whole q_lat is 17 GB).
+    q_lat = mla.absorb_query(p, cfg, q_nope)
     if gather:
-      o_lat = dispatch.sparse_mla(q_main, q_pe, kv, keys.k_pe,
+      o_lat = dispatch.sparse_mla(q_lat, q_pe, kv, keys.k_pe,
                                   idx if select else jnp.where(visible, key_pos, -1), cfg.softmax_scale,
                                   impl=opts.kernels, kv_scale=keys.kv_scale if fp8_rows else None)
     else:
-      o_lat = mla.absorbed_attention(cfg, q_main, q_pe, kv, keys.k_pe, visible)
+      o_lat = mla.absorbed_attention(cfg, q_lat, q_pe, kv, keys.k_pe, visible)
     return mla.latent_output(p, cfg, o_lat), idx
 
   block = opts.query_chunk
   if select and gather and form == "absorbed" and dispatch.gathered_dsa_runs_kernels(
-      index_q, keys.index_k, q_main.dtype, kv.shape[-1], keys.k_pe.shape[-1], opts.kernels):
+      index_q, keys.index_k, q_nope.dtype, kv.shape[-1], keys.k_pe.shape[-1], opts.kernels):
     block = max(block, opts.kernel_query_chunk)  # no [queries, heads, keys] intermediate: larger blocks pay
-  o, idx = map_query_blocks(attend, block, q_main, q_pe, index_q, index_w, positions)
+  o, idx = map_query_blocks(attend, block, q_nope, q_pe, index_q, index_w, positions)
   return linear(p["wo"], o.reshape(b, s, -1)), cache, (idx if select else None)

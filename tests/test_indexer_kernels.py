@@ -8,7 +8,8 @@ import pytest
 from dsv32_jax import indexer, quant
 from pallas_kernels import dispatch
 from pallas_kernels import topk_gpu as topk_gpu_module
-from pallas_kernels.indexer_logits_mgpu import IndexerLogitsConfig, index_logits_mgpu
+from pallas_kernels.indexer_logits_mgpu import (LONG_CONTEXT_CONFIG, SHORT_CONTEXT_CONFIG, IndexerLogitsConfig,
+                                                index_logits_mgpu)
 from pallas_kernels.topk_gpu import TopkGpuConfig, ordered_key, segment_log2, topk_candidates_kernel, topk_gpu
 from tests.conftest import H100_ABSTRACT, rel_err
 
@@ -34,6 +35,13 @@ def check_logits(out, q8, w, k8, ks, positions, tolerance=1e-6):
     (1, 5, 300, IndexerLogitsConfig(block_q=2, block_kv=64, kv_splits=2), [[200, 201, 250, 298, 299]]),
     # decode: one query per sequence, different lengths, one shorter than a key tile
     (3, 1, 256, IndexerLogitsConfig(block_q=1, block_kv=64, kv_splits=3), [[255], [10], [130]]),
+    # two queries' heads in one wgmma (N = 128), two products in flight
+    (1, 5, 300, IndexerLogitsConfig(block_q=4, block_kv=64, kv_splits=2, queries_per_wgmma=2),
+     [[10, 201, 250, 298, 299]]),
+    # the long-context default: two queries a wgmma, one product at a time; a decode step falls back to one
+    (1, 5, 300, IndexerLogitsConfig(block_q=4, block_kv=128, queries_per_wgmma=2, overlap=False),
+     [[200, 201, 250, 298, 299]]),
+    (2, 1, 300, IndexerLogitsConfig(block_q=4, block_kv=128, queries_per_wgmma=2, overlap=False), [[299], [40]]),
 ])
 def test_logits_kernel_in_interpret_mode(rng, b, s, t, config, positions):
   q8, w, k8, ks = indexer_inputs(rng, b, s, t)
@@ -49,8 +57,10 @@ def test_logits_kernel_lowers_for_hopper_at_the_671b_shapes():
   args = (jax.ShapeDtypeStruct((b, s, 64, 128), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((b, s, 64), jnp.float32),
           jax.ShapeDtypeStruct((b, t, 128), jnp.float8_e4m3fn), jax.ShapeDtypeStruct((b, t), jnp.float32),
           jax.ShapeDtypeStruct((b, s), jnp.int32))
-  text = jax.jit(index_logits_mgpu).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-  assert "mosaic_gpu" in text
+  for config in (SHORT_CONTEXT_CONFIG, LONG_CONTEXT_CONFIG):
+    text = jax.jit(lambda *a, config=config: index_logits_mgpu(*a, config=config)).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
 
 
 def test_logits_kernel_rejects_unquantised_operands(rng):
@@ -173,12 +183,14 @@ def test_gpu_kernels_match_the_dispatch_reference(rng):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("s, t", [(256, 4096), (64, 20000)])
-def test_logits_kernel_on_gpu(rng, s, t):
+@pytest.mark.parametrize("config", [
+    SHORT_CONTEXT_CONFIG, LONG_CONTEXT_CONFIG, IndexerLogitsConfig(4, 64, queries_per_wgmma=2)], ids=str)
+def test_logits_kernel_on_gpu(rng, s, t, config):
   q8, w, k8, ks = indexer_inputs(rng, 2, s, t)
   positions = jnp.asarray(t - s + np.arange(s)[None, :] - np.array([[0], [t // 3]]), jnp.int32)
   # Hopper's FP8 tensor cores accumulate with fewer bits than float32 (DeepSeek-V3 report, 3.3.2):
   # about 1e-4 relative against the float32 reference (measured 1.3e-4 on an H100).
-  check_logits(index_logits_mgpu(q8, w, k8, ks, positions), q8, w, k8, ks, positions, tolerance=1e-3)
+  check_logits(index_logits_mgpu(q8, w, k8, ks, positions, config), q8, w, k8, ks, positions, tolerance=1e-3)
 
 
 @pytest.mark.gpu

@@ -66,21 +66,25 @@ def main(argv=None):
     cos, sin = rope_angles(cfg, jnp.arange(s)[None])
     positions = jnp.arange(s, dtype=jnp.int32)[None]
 
-    def projections(p, x):
-      q_nope, q_pe, qr = mla.project_queries(p, cfg, x, cos, sin)
-      c, k_pe = mla.project_latent(p, cfg, x, cos, sin, opts.latent_quant)
-      index_k, index_k_scale = indexer.indexer_keys(p["indexer"], cfg, x, cos, sin, opts.indexer_quant)
-      index_q, index_w = indexer.indexer_queries(p["indexer"], cfg, x, qr, cos, sin, opts.indexer_quant)
-      out = linear(p["wo"], q_nope.reshape(1, s, -1)[..., :cfg.n_heads * cfg.v_head_dim])  # wo's shape, any input
+    def projections(p, x, linears=opts.linear_kernels):
+      q_nope, q_pe, qr = mla.project_queries(p, cfg, x, cos, sin, linears)
+      c, k_pe = mla.project_latent(p, cfg, x, cos, sin, opts.latent_quant, linears)
+      index_k, index_k_scale = indexer.indexer_keys(p["indexer"], cfg, x, cos, sin, opts.indexer_quant, linears)
+      index_q, index_w = indexer.indexer_queries(p["indexer"], cfg, x, qr, cos, sin, opts.indexer_quant, linears)
+      out = linear(p["wo"], q_nope.reshape(1, s, -1)[..., :cfg.n_heads * cfg.v_head_dim],  # wo's shape, any input
+                   impl=linears)
       return q_nope, q_pe, c, k_pe, index_q, index_w, index_k, index_k_scale, out
 
     bench(f"prefill {s}: projections (MLA, indexer, wo)", projections, p, x)
+    bench(f"prefill {s}:   the same, FP8 linears as the reference's bf16 products",
+          lambda p, x: projections(p, x, "reference"), p, x)
     bench(f"prefill {s}:   of which the indexer's (q, k, weights; Hadamard + FP8)",
-          lambda p, x: (indexer.indexer_keys(p["indexer"], cfg, x, cos, sin, opts.indexer_quant),
-                        indexer.indexer_queries(p["indexer"], cfg, x, mla.project_queries(p, cfg, x, cos, sin)[2],
-                                                cos, sin, opts.indexer_quant)), p, x)
+          lambda p, x: (indexer.indexer_keys(p["indexer"], cfg, x, cos, sin, opts.indexer_quant, opts.linear_kernels),
+                        indexer.indexer_queries(p["indexer"], cfg, x,
+                                                mla.project_queries(p, cfg, x, cos, sin, opts.linear_kernels)[2],
+                                                cos, sin, opts.indexer_quant, opts.linear_kernels)), p, x)
     bench(f"prefill {s}:   of which the queries' low-rank part (wq_a + q_norm, shared)",
-          lambda p, x: mla.project_queries(p, cfg, x, cos, sin)[2], p, x)
+          lambda p, x: mla.project_queries(p, cfg, x, cos, sin, opts.linear_kernels)[2], p, x)
     q_nope, q_pe, c, k_pe, index_q, index_w, index_k, index_k_scale, _ = jax.jit(projections)(p, x)
     block = opts.kernel_query_chunk if dispatch.index_logits_runs_kernel(index_q, index_k) else opts.query_chunk
 
@@ -96,8 +100,9 @@ def main(argv=None):
     del index_q, index_w, index_k, index_k_scale
 
     if s <= args.max_dense:
-      bench(f"prefill {s}: MHA form: per-head keys and values", lambda p, c: mla.expand_keys(p, cfg, c), p, c)
-      k_nope, v = jax.jit(lambda p, c: mla.expand_keys(p, cfg, c))(p, c)
+      expand = jax.jit(lambda p, c: mla.expand_keys(p, cfg, c, opts.linear_kernels))
+      bench(f"prefill {s}: MHA form: per-head keys and values", expand, p, c)
+      k_nope, v = expand(p, c)
       bench(f"prefill {s}: core, dense causal ({fused})",
             lambda *a: mla.fused_naive_attention(cfg, *a, None, is_causal=True, implementation=fused),
             q_nope, q_pe, k_nope, v, k_pe)

@@ -65,13 +65,14 @@ def dense_attention(p: dict, cfg, opts: RunOptions, x, cos, sin):
   """The layer's attention (projections included) with every earlier key attended: MLA's MHA form through
   ``jax.nn.dot_product_attention`` (cuDNN on a GPU). A fresh causal prefill; the cache is not written."""
   b, s, _ = x.shape
-  q_nope, q_pe, _ = mla.project_queries(p, cfg, x, cos, sin)
-  c, k_pe = mla.project_latent(p, cfg, x, cos, sin, opts.latent_quant)
-  k_nope, v = mla.expand_keys(p, cfg, c)
+  linears = opts.linear_kernels  # the same linears as the DSA layer
+  q_nope, q_pe, _ = mla.project_queries(p, cfg, x, cos, sin, linears)
+  c, k_pe = mla.project_latent(p, cfg, x, cos, sin, opts.latent_quant, linears)
+  k_nope, v = mla.expand_keys(p, cfg, c, linears)
   on_gpu = jax.devices()[0].platform == "gpu"
   o = mla.fused_naive_attention(cfg, q_nope, q_pe, k_nope, v, k_pe, None, is_causal=True,
                                 implementation="cudnn" if on_gpu else None)
-  return linear(p["wo"], o.reshape(b, s, -1))
+  return linear(p["wo"], o.reshape(b, s, -1), impl=linears)
 
 
 def main(argv=None):
@@ -83,6 +84,8 @@ def main(argv=None):
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--fp8", action="store_true", help="FP8 e4m3 linear weights with block scales")
   ap.add_argument("--kernels", default="auto", choices=["auto", "reference", "pallas"])
+  ap.add_argument("--reference-linears", action="store_true",
+                  help="FP8 linears as the reference's bf16 product of dequantised operands, not the FP8 GEMM kernel")
   ap.add_argument("--prefill-form", default="auto", choices=["auto", "naive-mask", "absorbed-gather"],
                   help="the official MHA form with the top-k set as a score mask (cuDNN on a GPU), the latent "
                        "(MQA) form over the gathered top-k rows, or the model's default choice by length (auto: "
@@ -96,7 +99,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
 
   cfg = preset(args.preset)
-  opts = RunOptions(kernels=args.kernels)
+  opts = RunOptions(kernels=args.kernels, fp8_linear_kernel=not args.reference_linears)
   if args.prefill_form == "absorbed-gather":
     opts = opts.replace(prefill_attention="absorbed", prefill_selection="gather")
   elif args.prefill_form == "naive-mask":

@@ -110,15 +110,16 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   form = opts.decode_attention if decode else opts.prefill_attention
   gather = (opts.decode_selection if decode else opts.prefill_selection) == "gather"
 
-  q_nope, q_pe, qr = mla.project_queries(p, cfg, x, cos, sin)
-  c, k_pe = mla.project_latent(p, cfg, x, cos, sin, opts.latent_quant)
-  index_k, index_k_scale = indexer.indexer_keys(p["indexer"], cfg, x, cos, sin, opts.indexer_quant)
+  linears = opts.linear_kernels
+  q_nope, q_pe, qr = mla.project_queries(p, cfg, x, cos, sin, linears)
+  c, k_pe = mla.project_latent(p, cfg, x, cos, sin, opts.latent_quant, linears)
+  index_k, index_k_scale = indexer.indexer_keys(p["indexer"], cfg, x, cos, sin, opts.indexer_quant, linears)
   cache = cache_lib.write(cache, layer, start, cache_lib.new_entries(cache, c, k_pe, index_k, index_k_scale))
   keys = cache_lib.read(cache, layer, kv_len)
 
   select = kv_len > cfg.index_topk
   if select:
-    index_q, index_w = indexer.indexer_queries(p["indexer"], cfg, x, qr, cos, sin, opts.indexer_quant)
+    index_q, index_w = indexer.indexer_queries(p["indexer"], cfg, x, qr, cos, sin, opts.indexer_quant, linears)
   else:  # placeholders of the right batch/query shape; unused
     index_q, index_w = jnp.zeros((b, s, 1, 1), x.dtype), jnp.zeros((b, s, 1), jnp.float32)
   if (not decode and select and not gather and opts.gathered_prefill_from is not None
@@ -130,7 +131,7 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   fp8_rows = keys.latent_fp8 and form == "absorbed" and gather
   kv = keys.kv if fp8_rows else cache_lib.latent(keys, x.dtype)
   if form == "naive":
-    k_nope, v = mla.expand_keys(p, cfg, kv)
+    k_nope, v = mla.expand_keys(p, cfg, kv, linears)
   positions = start[:, None] + jnp.arange(s, dtype=start.dtype)
   key_pos = jnp.arange(kv_len)
 
@@ -156,7 +157,7 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
       idx = map_query_blocks(select_keys, block, index_q, index_w, positions)
     o = fused_naive_attention_blocks(cfg, fused, q_nope, q_pe, k_nope, v, keys.k_pe, positions, idx,
                                      fresh=kv_len == s)
-    return linear(p["wo"], o.reshape(b, s, -1)), cache, idx
+    return linear(p["wo"], o.reshape(b, s, -1), impl=linears), cache, idx
 
   def attend(q_nope, q_pe, index_q, index_w, pos):
     visible = key_pos[None, None, :] <= pos[:, :, None]
@@ -182,4 +183,4 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
       index_q, keys.index_k, q_nope.dtype, kv.shape[-1], keys.k_pe.shape[-1], opts.kernels):
     block = max(block, opts.kernel_query_chunk)  # no [queries, heads, keys] intermediate: larger blocks pay
   o, idx = map_query_blocks(attend, block, q_nope, q_pe, index_q, index_w, positions)
-  return linear(p["wo"], o.reshape(b, s, -1)), cache, (idx if select else None)
+  return linear(p["wo"], o.reshape(b, s, -1), impl=linears), cache, (idx if select else None)

@@ -54,9 +54,11 @@ def _rope_first(x: Float[Array, "b s h d"], cos, sin, rope_dim: int) -> Float[Ar
   return jnp.concatenate([apply_rope(x[..., :rope_dim], cos, sin, interleaved=False), x[..., rope_dim:]], -1)
 
 
-def indexer_keys(p: dict, cfg: ModelConfig, x: Float[Array, "b s d"], cos, sin, quantize: bool):
-  """Keys for the indexer cache: (k [B,S,D_I] e4m3 or x.dtype, k_scale [B,S] float32)."""
-  k = linear(p["wk"], x)
+def indexer_keys(p: dict, cfg: ModelConfig, x: Float[Array, "b s d"], cos, sin, quantize: bool,
+                 impl: str = "reference"):
+  """Keys for the indexer cache: (k [B,S,D_I] e4m3 or x.dtype, k_scale [B,S] float32).
+  impl: the linears' kernels setting (``layers.linear``)."""
+  k = linear(p["wk"], x, impl=impl)
   k = layer_norm(k, p["k_norm"]["weight"], p["k_norm"]["bias"], cfg.norm_eps)
   k = _rope_first(k[:, :, None, :], cos, sin, cfg.qk_rope_head_dim)[:, :, 0, :]
   if not quantize:
@@ -74,10 +76,10 @@ def _head_weights(p: dict, x: Float[Array, "b s d"]) -> Float[Array, "b s h"]:
 
 
 def indexer_queries(p: dict, cfg: ModelConfig, x: Float[Array, "b s d"], qr: Float[Array, "b s q"],
-                    cos, sin, quantize: bool):
+                    cos, sin, quantize: bool, impl: str = "reference"):
   """Queries and head weights: (q [B,S,H_I,D_I] e4m3 or x.dtype, w [B,S,H_I] float32, scales folded in)."""
   b, s, _ = qr.shape
-  q = linear(p["wq_b"], qr).reshape(b, s, cfg.index_n_heads, cfg.index_head_dim)
+  q = linear(p["wq_b"], qr, impl=impl).reshape(b, s, cfg.index_n_heads, cfg.index_head_dim)
   q = _rope_first(q, cos, sin, cfg.qk_rope_head_dim)
   w = _head_weights(p["weights_proj"], x) * cfg.index_n_heads ** -0.5
   if quantize:

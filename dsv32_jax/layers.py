@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from dsv32_jax import quant
+from pallas_kernels import dispatch
 
 Linear = dict  # {"weight": [..., out, in]} or {"weight": e4m3, "scale": f32 block scales}
 
@@ -60,13 +61,20 @@ def linear_operands(p: Linear, x: Float[Array, "... i"]) -> tuple[Float[Array, "
   return x, w.astype(x.dtype)
 
 
-def linear(p: Linear, x: Float[Array, "... i"], out_dtype=None) -> Float[Array, "... o"]:
+def linear(p: Linear, x: Float[Array, "... i"], out_dtype=None, impl: str = "reference") -> Float[Array, "... o"]:
+  """x @ W^T. impl (``pallas_kernels.dispatch``'s): a block-scaled FP8 weight on a GPU goes through the FP8
+  GEMM kernel where ``dispatch.fp8_linear_backend`` says so (bf16 activations with "auto"; "pallas"
+  forces it); otherwise the reference."""
+  backend = dispatch.fp8_linear_backend(impl, "scale" in p and quant.is_fp8(p["weight"]), x.shape[-1], x.dtype)
+  if backend is not None:
+    from pallas_kernels.grouped_gemm_fp8_mgpu import dense_gemm_fp8
+    return dense_gemm_fp8(x, p["weight"], p["scale"], out_dtype or x.dtype, interpret=backend == "interpret")
   xq, w = linear_operands(p, x)
   return matmul("...i,oi->...o", xq, w, out_dtype or x.dtype)
 
 
-def swiglu(p: dict, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+def swiglu(p: dict, x: Float[Array, "... d"], impl: str = "reference") -> Float[Array, "... d"]:
   """w2((silu(w1 x) * w3 x)), the product taken in float32 as the official MLP/Expert."""
-  gate = linear(p["w1"], x).astype(jnp.float32)
-  up = linear(p["w3"], x).astype(jnp.float32)
-  return linear(p["w2"], (jax.nn.silu(gate) * up).astype(x.dtype))
+  gate = linear(p["w1"], x, impl=impl).astype(jnp.float32)
+  up = linear(p["w3"], x, impl=impl).astype(jnp.float32)
+  return linear(p["w2"], (jax.nn.silu(gate) * up).astype(x.dtype), impl=impl)

@@ -28,18 +28,20 @@ def _mm(eq: str, a, b, dtype):
   return matmul(eq, a, b, dtype)
 
 
-def project_queries(p: dict, cfg: ModelConfig, x: Float[Array, "b s d"], cos, sin):
-  """(q_nope [B,S,H,nope], q_pe [B,S,H,rope] roped, qr [B,S,q_lora]); qr also feeds the indexer."""
+def project_queries(p: dict, cfg: ModelConfig, x: Float[Array, "b s d"], cos, sin, impl: str = "reference"):
+  """(q_nope [B,S,H,nope], q_pe [B,S,H,rope] roped, qr [B,S,q_lora]); qr also feeds the indexer.
+  impl: the linears' kernels setting (``layers.linear``)."""
   b, s, _ = x.shape
-  qr = rms_norm(linear(p["wq_a"], x), p["q_norm"], cfg.norm_eps)
-  q = linear(p["wq_b"], qr).reshape(b, s, cfg.n_heads, cfg.qk_head_dim)
+  qr = rms_norm(linear(p["wq_a"], x, impl=impl), p["q_norm"], cfg.norm_eps)
+  q = linear(p["wq_b"], qr, impl=impl).reshape(b, s, cfg.n_heads, cfg.qk_head_dim)
   q_nope, q_pe = jnp.split(q, [cfg.qk_nope_head_dim], axis=-1)
   return q_nope, apply_rope(q_pe, cos, sin, interleaved=True), qr
 
 
-def project_latent(p: dict, cfg: ModelConfig, x: Float[Array, "b s d"], cos, sin, latent_quant: bool):
+def project_latent(p: dict, cfg: ModelConfig, x: Float[Array, "b s d"], cos, sin, latent_quant: bool,
+                   impl: str = "reference"):
   """(c [B,S,kv_lora], k_pe [B,S,rope]): what the cache holds for each token."""
-  kv = linear(p["wkv_a"], x)
+  kv = linear(p["wkv_a"], x, impl=impl)
   c, k_pe = jnp.split(kv, [cfg.kv_lora_rank], axis=-1)
   c = rms_norm(c, p["kv_norm"], cfg.norm_eps)
   if latent_quant:  # December code: simulate the FP8 latent cache (k_pe stays in bf16)
@@ -64,10 +66,11 @@ def _softmax(scores: Float[Array, "... t"], allowed: Bool[Array, "... t"], dtype
   return jax.nn.softmax(jnp.where(allowed, scores.astype(jnp.float32), -jnp.inf), axis=-1).astype(dtype)
 
 
-def expand_keys(p: dict, cfg: ModelConfig, c: Float[Array, "b t c"]) -> tuple[Float[Array, "b t h n"], Float[Array, "b t h v"]]:
+def expand_keys(p: dict, cfg: ModelConfig, c: Float[Array, "b t c"], impl: str = "reference"
+                ) -> tuple[Float[Array, "b t h n"], Float[Array, "b t h v"]]:
   """Per-head (k_nope, v) from the latent through wkv_b, for the naive form."""
   b, t, _ = c.shape
-  kv = linear(p["wkv_b"], c).reshape(b, t, cfg.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+  kv = linear(p["wkv_b"], c, impl=impl).reshape(b, t, cfg.n_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
   k_nope, v = jnp.split(kv, [cfg.qk_nope_head_dim], axis=-1)
   return k_nope, v
 

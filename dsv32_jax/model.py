@@ -44,7 +44,7 @@ def block(p: dict, cfg: ModelConfig, opts: RunOptions, h: Float[Array, "b s d"],
   h = residual_add(h, attn_out)
   x = rms_norm(h, p["ffn_norm"], cfg.norm_eps)
   moe_fn = moe if opts.sharding is None else opts.sharding.moe
-  ffn_out = moe_fn(p["ffn"], cfg, x, impl=opts.kernels) if is_moe else swiglu(p["ffn"], x)
+  ffn_out = moe_fn(p["ffn"], cfg, x, impl=opts.kernels) if is_moe else swiglu(p["ffn"], x, opts.linear_kernels)
   return residual_add(h, ffn_out), cache, topk
 
 

@@ -157,6 +157,6 @@ def moe(p: dict, cfg: ModelConfig, x: Float[Array, "b s d"], impl: str = "auto")
   weights, idx = route(p["gate"], cfg, x)
   y = routed_experts(p["experts"], cfg, x, weights, idx, impl)
   if "shared" in p:
-    y = y + swiglu(p["shared"], x).astype(jnp.float32)
+    y = y + swiglu(p["shared"], x, impl).astype(jnp.float32)
   return y.astype(x.dtype).reshape(shape)
 

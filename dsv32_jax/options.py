@@ -37,6 +37,10 @@ class RunOptions:
                                             # top-k set as a mask) between 4K and 8K keys (BENCHMARKS.md);
                                             # None keeps prefill_attention / prefill_selection at every length
   kernels: str = "auto"                     # "auto" | "reference" | "pallas": see pallas_kernels.dispatch
+  fp8_linear_kernel: bool = True            # block-scaled FP8 linears through the FP8 GEMM kernel where the
+                                            # kernels run (GPU, unsharded); False: the reference's bf16
+                                            # product of the dequantised operands (same numbers up to the
+                                            # order of the float32 sums)
   sharding: Any = None                      # a sharding.ShardingPlan (mesh + logical-axis rules + expert
                                             # parallelism); None runs unsharded, the reference path
 
@@ -69,6 +73,12 @@ class RunOptions:
   def constrain(self, x, axes: tuple[str | None, ...]):
     """x laid out as the sharding plan's rules place these logical axes (no-op without a plan)."""
     return x if self.sharding is None else self.sharding.constrain(x, axes)
+
+  @property
+  def linear_kernels(self) -> str:
+    """The kernels setting for the dense linears (``layers.linear``): the FP8 GEMM kernel is one call that
+    XLA's partitioner cannot split, so under a sharding plan the linears stay on the reference."""
+    return self.kernels if self.sharding is None and self.fp8_linear_kernel else "reference"
 
   def per_sequence(self, fn):
     """fn, independent across the batch axis (axis 0 of its arguments and results), run on each

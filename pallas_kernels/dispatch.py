@@ -126,6 +126,21 @@ def fp8_experts_backend(impl: str, fp8_weights: bool, dims: tuple[int, ...]) -> 
   return "interpret" if impl == "pallas" else None
 
 
+def fp8_linear_backend(impl: str, fp8_weight: bool, in_features: int, dtype) -> str | None:
+  """How a block-scaled FP8 linear runs: through ``grouped_gemm_fp8_mgpu.dense_gemm_fp8`` (``"gpu"``, or
+  ``"interpret"`` for ``impl="pallas"`` off a GPU), or ``None``: the reference's product of the dequantised
+  operands (``dsv32_jax.layers.linear_operands``). The kernel needs the input features to be a multiple of
+  128; any output count is padded.
+
+  ``"auto"`` takes the kernel for bf16 / fp16 activations only: float32 runs stay on the reference for
+  exact comparisons (FP8 tensor cores accumulate in less than float32, and the indexer's e4m3 rounding
+  after the projections turns such differences into different top-k sets). ``"pallas"`` forces it.
+  """
+  if impl == "auto" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return None
+  return fp8_experts_backend(impl, fp8_weight, (in_features,))
+
+
 # --- Dense attention in MLA's MHA form (the official prefill) -------------------------------------
 
 

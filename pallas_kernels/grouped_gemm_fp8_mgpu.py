@@ -187,6 +187,27 @@ def grouped_gemm_fp8(xq: Float[Array, "m k"], xs: Float[Array, "m kb"], weights:
   return run(block_expert.astype(jnp.int32), xs_t, xq, *weights, *(s.astype(jnp.float32) for s in w_scales))
 
 
+def dense_gemm_fp8(x: Float[Array, "... k"], w: Float[Array, "n k"], w_scale: Float[Array, "nb kb"], out_dtype,
+                   interpret: bool = False) -> Float[Array, "... n"]:
+  """A block-scaled FP8 linear, ``x @ W^T`` with W = w * w_scale per 128x128 block: the official
+  ``act_quant`` + ``fp8_gemm`` (x quantised per 1x128 block with ue8m0 scales), as the grouped GEMM with
+  a single group. Rows are padded to the tile's block_m and N to a multiple of 128 (e.g. wkv_a's 576).
+  """
+  *lead, k = x.shape
+  n = w.shape[0]
+  rows = x.reshape(-1, k)
+  m = rows.shape[0]
+  xq, xs = quant.act_quant(rows)
+  n_pad = -(-n // SCALE_BLOCK) * SCALE_BLOCK
+  config = default_config(n_pad)
+  m_pad = -(-m // config.block_m) * config.block_m
+  xq, xs = jnp.pad(xq, ((0, m_pad - m), (0, 0))), jnp.pad(xs, ((0, m_pad - m), (0, 0)))
+  w = jnp.pad(w, ((0, n_pad - n), (0, 0)))  # the scale grid already covers the partial block
+  block_expert = jnp.zeros((m_pad // config.block_m,), jnp.int32)
+  out = grouped_gemm_fp8(xq, xs, (w[None],), (w_scale[None],), block_expert, config, out_dtype, interpret)[0]
+  return out[:m, :n].reshape(*lead, n)
+
+
 def grouped_gemm_fp8_reference(xq: Float[Array, "m k"], xs: Float[Array, "m kb"],
                                weights: tuple[Float[Array, "e n k"], ...], w_scales: tuple[Float[Array, "e nb kb"], ...],
                                block_expert: Int[Array, "blocks"], block_m: int = DEFAULT_CONFIG.block_m,

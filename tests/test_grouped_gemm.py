@@ -9,7 +9,8 @@ from dsv32_jax import moe, quant
 from dsv32_jax.config import preset
 from dsv32_jax.params import init_params
 from pallas_kernels import dispatch
-from pallas_kernels.grouped_gemm_fp8_mgpu import (GroupedGemmConfig, default_config, grouped_gemm_fp8,
+from dsv32_jax.layers import linear
+from pallas_kernels.grouped_gemm_fp8_mgpu import (GroupedGemmConfig, default_config, dense_gemm_fp8, grouped_gemm_fp8,
                                                  grouped_gemm_fp8_reference)
 from tests.conftest import rel_err
 
@@ -56,6 +57,40 @@ def test_kernel_lowers_for_hopper_at_the_671b_shapes():
               (s((e, n // 128, k // 128), jnp.float32),) * count, s((m // 64,), jnp.int32))
       run = jax.jit(lambda *a, config=config: grouped_gemm_fp8(*a, config=config))
       assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def fp8_linear(rng, n, k):
+  w, scale = quant.quantize_weight_np(rng.standard_normal((n, k)).astype(np.float32) * k ** -0.5)
+  return {"weight": jnp.asarray(w), "scale": jnp.asarray(scale)}
+
+
+@pytest.mark.parametrize("lead, n, k", [
+    ((2, 35), 192, 256),  # rows padded to the tile; N = 192: a partial scale block, padded to 256 (2 consumers)
+    ((70,), 128, 384),    # one 128-column block: one consumer
+])
+def test_dense_fp8_linear_equals_the_reference_in_interpret_mode(rng, lead, n, k):
+  """``layers.linear`` with impl="pallas" off a GPU: act_quant + the FP8 GEMM (interpreted) against the
+  reference's product of the dequantised operands, in float32."""
+  p = fp8_linear(rng, n, k)
+  x = jnp.asarray(rng.standard_normal((*lead, k)) * rng.uniform(0.1, 10, (*lead, 1)), jnp.float32)
+  assert dispatch.fp8_linear_backend("pallas", True, k, jnp.float32) == "interpret"
+  assert dispatch.fp8_linear_backend("reference", True, k, jnp.bfloat16) is None
+  assert dispatch.fp8_linear_backend("auto", True, k, jnp.float32) is None  # float32 runs stay exact
+  got = linear(p, x, impl="pallas")
+  assert got.shape == (*lead, n) and got.dtype == jnp.float32
+  assert rel_err(got, linear(p, x)) < 1e-5
+
+
+def test_dense_fp8_linear_lowers_for_hopper_at_the_671b_shapes():
+  """wo over a 128K prefill and wkv_a (576 outputs: padded to 640) at a decode step."""
+  cfg = preset("v32-671b")
+  f8, s = jnp.float8_e4m3fn, jax.ShapeDtypeStruct
+  h = cfg.n_heads * cfg.v_head_dim
+  rope = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+  for rows, n, k in ((131072, cfg.dim, h), (8, rope, cfg.dim)):
+    args = (s((1, rows, k), jnp.bfloat16), s((n, k), f8), s((-(-n // 128), k // 128), jnp.float32))
+    run = jax.jit(lambda *a: dense_gemm_fp8(*a, jnp.bfloat16))
+    assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_kernel_rejects_bad_operands(rng):
@@ -157,3 +192,16 @@ def test_moe_layer_with_the_kernel_on_gpu(tiny_cfg, rng):
   x32 = x.astype(jnp.float32)
   got, ref = jax.jit(lambda p, x: moe.moe(p, tiny_cfg, x))(p, x32), moe.moe(p, tiny_cfg, x32, impl="reference")
   assert rel_err(got, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, k", [(576, 7168), (1024, 1536)])  # wkv_a's 576 outputs (padded); a 2-consumer N
+def test_dense_fp8_linear_on_gpu(rng, n, k):
+  p = fp8_linear(rng, n, k)
+  x = jnp.asarray(rng.standard_normal((2, 300, k)), jnp.float32)
+  assert dispatch.fp8_linear_backend("auto", True, k, jnp.bfloat16) == "gpu"
+  exact = jax.jit(lambda p, x: linear(p, x, impl="pallas"))(p, x)  # forced: "auto" keeps float32 exact
+  assert rel_err(exact, linear(p, x)) < 1e-3  # FP8 tensor cores accumulate in less than float32
+  xb = x.astype(jnp.bfloat16)
+  got = jax.jit(lambda p, x: linear(p, x, impl="auto"))(p, xb).astype(jnp.float32)
+  assert rel_err(got, linear(p, xb).astype(jnp.float32)) < 1e-2  # bf16 outputs

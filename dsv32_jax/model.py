@@ -43,8 +43,12 @@ def block(p: dict, cfg: ModelConfig, opts: RunOptions, h: Float[Array, "b s d"],
                                     start, kv_len, cos, sin)
   h = residual_add(h, attn_out)
   x = rms_norm(h, p["ffn_norm"], cfg.norm_eps)
-  moe_fn = moe if opts.sharding is None else opts.sharding.moe
-  ffn_out = moe_fn(p["ffn"], cfg, x, impl=opts.kernels) if is_moe else swiglu(p["ffn"], x, opts.linear_kernels)
+  if not is_moe:
+    ffn_out = swiglu(p["ffn"], x, opts.linear_kernels)
+  elif opts.sharding is None:
+    ffn_out = moe(p["ffn"], cfg, x, impl=opts.kernels, linear_impl=opts.linear_kernels)
+  else:
+    ffn_out = opts.sharding.moe(p["ffn"], cfg, x, impl=opts.kernels)
   return residual_add(h, ffn_out), cache, topk
 
 

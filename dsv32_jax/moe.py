@@ -151,12 +151,15 @@ def routed_experts(p: dict, cfg: ModelConfig, x: Float[Array, "n d"], weights: F
                                                                  mode="drop")
 
 
-def moe(p: dict, cfg: ModelConfig, x: Float[Array, "b s d"], impl: str = "auto") -> Float[Array, "b s d"]:
+def moe(p: dict, cfg: ModelConfig, x: Float[Array, "b s d"], impl: str = "auto",
+        linear_impl: str | None = None) -> Float[Array, "b s d"]:
+  """Routed experts (impl: their grouped GEMM's kernels setting) plus the shared expert (linear_impl: its
+  linears', ``RunOptions.linear_kernels``; None: impl)."""
   shape = x.shape
   x = x.reshape(-1, shape[-1])
   weights, idx = route(p["gate"], cfg, x)
   y = routed_experts(p["experts"], cfg, x, weights, idx, impl)
   if "shared" in p:
-    y = y + swiglu(p["shared"], x, impl).astype(jnp.float32)
+    y = y + swiglu(p["shared"], x, impl if linear_impl is None else linear_impl).astype(jnp.float32)
   return y.astype(x.dtype).reshape(shape)
 

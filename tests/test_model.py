@@ -290,3 +290,29 @@ def test_mtp_module(tiny_cfg, tiny_params_fp8, rng):
   swapped = jnp.concatenate([h, e], -1) @ w.T  # the order matters: embedding first
   assert rel_err(swapped, jnp.concatenate([e, h], -1) @ w.T) > 0.1
   assert model.logits(params, out).shape == (b, s, cfg.vocab_size)
+
+
+def test_fp8_linears_take_the_run_options_linear_kernels(tiny_cfg, tiny_params_fp8, monkeypatch):
+  """Every FP8 linear of a decoder block (MLA and indexer projections, wo, the shared expert) asks the
+  dispatch with ``RunOptions.linear_kernels``: the kernels setting, or "reference" with
+  ``fp8_linear_kernel=False``."""
+  from pallas_kernels import dispatch
+  asked = []
+  real = dispatch.fp8_linear_backend
+  monkeypatch.setattr(dispatch, "fp8_linear_backend", lambda impl, *a: asked.append(impl) or real(impl, *a))
+  p = jax.tree.map(lambda a: a[0], tiny_params_fp8["moe_layers"])
+  s = 8
+  cos, sin = rope_angles(tiny_cfg, jnp.broadcast_to(jnp.arange(s), (1, s)))
+  h = jnp.ones((1, s, tiny_cfg.dim), jnp.bfloat16)
+
+  def trace(opts):
+    asked.clear()
+    cache = cache_lib.init_cache(tiny_cfg, 1, 1, s, jnp.bfloat16)
+    jax.eval_shape(lambda: model.block(p, tiny_cfg, opts, h, cache, jnp.int32(0), jnp.zeros(1, jnp.int32), s, cos,
+                                       sin, True))
+    return list(asked)
+
+  assert RunOptions().linear_kernels == "auto"
+  fp8_linears = 9  # wq_a, wq_b, wkv_a, the indexer's wq_b and wk, wo, the shared expert's w1, w3, w2
+  assert set(trace(RunOptions())) == {"auto"} and len(asked) >= fp8_linears
+  assert set(trace(RunOptions(fp8_linear_kernel=False))) == {"reference"}

@@ -12,6 +12,11 @@ bf16 operands whose latent and rope dims are powers of two), and the reference e
 insists on the kernel: on a GPU it also runs the sparse MLA kernel in float32, and on the CPU it runs
 the *TPU kernels in Pallas TPU interpret mode* (the CPU stands in for a TPU; the GPU kernels' CPU tests
 call them in Mosaic GPU / Triton interpret mode directly).
+
+Block-scaled FP8 matrices (``fp8_experts_backend`` for the routed experts, ``fp8_linear_backend`` for every
+other FP8 linear): the Mosaic GPU grouped FP8 GEMM on a GPU -- the linears only for bf16 / fp16
+activations under ``"auto"``, so that float32 runs stay exact -- and the reference's products of the
+dequantised operands elsewhere; ``"pallas"`` off a GPU runs the kernel in Mosaic GPU interpret mode.
 """
 
 from __future__ import annotations

@@ -143,6 +143,8 @@ def fp8_linear_backend(impl: str, fp8_weight: bool, in_features: int, dtype) -> 
   """
   if impl == "auto" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return None
+  if impl == "pallas" and fp8_weight and in_features % 128:
+    raise ValueError(f"FP8 linear (impl='pallas'): {in_features} input features, expected a multiple of 128")
   return fp8_experts_backend(impl, fp8_weight, (in_features,))
 
 

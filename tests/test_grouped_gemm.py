@@ -76,6 +76,8 @@ def test_dense_fp8_linear_equals_the_reference_in_interpret_mode(rng, lead, n, k
   assert dispatch.fp8_linear_backend("pallas", True, k, jnp.float32) == "interpret"
   assert dispatch.fp8_linear_backend("reference", True, k, jnp.bfloat16) is None
   assert dispatch.fp8_linear_backend("auto", True, k, jnp.float32) is None  # float32 runs stay exact
+  with pytest.raises(ValueError, match="input features"):
+    dispatch.fp8_linear_backend("pallas", True, k + 64, jnp.bfloat16)
   got = linear(p, x, impl="pallas")
   assert got.shape == (*lead, n) and got.dtype == jnp.float32
   assert rel_err(got, linear(p, x)) < 1e-5

@@ -141,7 +141,8 @@ def main(argv=None):
       return out
 
     def moe_only(p, x):
-      return moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps), impl=opts.kernels)
+      return moe.moe(p["ffn"], cfg, rms_norm(x, p["ffn_norm"], cfg.norm_eps), impl=opts.kernels,
+                     linear_impl=opts.linear_kernels)
 
     if not args.attention_only:
       bench(f"prefill {s}: whole layer", layer, (p, x, cache), s)

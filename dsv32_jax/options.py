@@ -38,9 +38,9 @@ class RunOptions:
                                             # None keeps prefill_attention / prefill_selection at every length
   kernels: str = "auto"                     # "auto" | "reference" | "pallas": see pallas_kernels.dispatch
   fp8_linear_kernel: bool = True            # block-scaled FP8 linears through the FP8 GEMM kernel where the
-                                            # kernels run (GPU, unsharded); False: the reference's bf16
-                                            # product of the dequantised operands (same numbers up to the
-                                            # order of the float32 sums)
+                                            # kernels run (GPU, bf16, unsharded); False: the reference's
+                                            # product of the dequantised operands (the same products; the
+                                            # kernel's FP8 tensor cores sum them in less than float32)
   sharding: Any = None                      # a sharding.ShardingPlan (mesh + logical-axis rules + expert
                                             # parallelism); None runs unsharded, the reference path
 

@@ -139,10 +139,11 @@ def fp8_linear_backend(impl: str, fp8_weight: bool, in_features: int, dtype) -> 
 
   ``"auto"`` takes the kernel for bf16 / fp16 activations only: float32 runs stay on the reference for
   exact comparisons (FP8 tensor cores accumulate in less than float32, and the indexer's e4m3 rounding
-  after the projections turns such differences into different top-k sets). ``"pallas"`` forces it.
+  after the projections turns such differences into different top-k sets). ``"pallas"`` forces it (in
+  interpret mode on a CPU); on a TPU the linears always stay on the reference.
   """
-  if impl == "auto" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    return None
+  if on_tpu() or (impl == "auto" and jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
+    return None  # a TPU has no FP8 GEMM kernel here: its linears stay on XLA
   if impl == "pallas" and fp8_weight and in_features % 128:
     raise ValueError(f"FP8 linear (impl='pallas'): {in_features} input features, expected a multiple of 128")
   return fp8_experts_backend(impl, fp8_weight, (in_features,))

@@ -24,7 +24,8 @@ and own 128 columns each, so one's promotion overlaps the other's wgmma. Measure
 BENCHMARKS.md).
 
 Several weights of the same shape (an expert's gate and up projections) go in one launch: the
-grid's first axis picks the weight, the x tile is read once per weight.
+grid's first axis picks the weight, the x tile is read once per weight. With a single group the same
+kernel serves every other FP8 linear of the model (``dense_gemm_fp8``, through ``layers.linear``).
 
 Reference: ``grouped_gemm_fp8_reference`` (the dequantised operands through ``jax.lax.ragged_dot``
 with the padded group sizes), equal up to the order of the float32 sums.
@@ -191,7 +192,8 @@ def dense_gemm_fp8(x: Float[Array, "... k"], w: Float[Array, "n k"], w_scale: Fl
                    interpret: bool = False) -> Float[Array, "... n"]:
   """A block-scaled FP8 linear, ``x @ W^T`` with W = w * w_scale per 128x128 block: the official
   ``act_quant`` + ``fp8_gemm`` (x quantised per 1x128 block with ue8m0 scales), as the grouped GEMM with
-  a single group. Rows are padded to the tile's block_m and N to a multiple of 128 (e.g. wkv_a's 576).
+  a single group. Rows are padded to the tile's block_m and N to a multiple of 128 (wkv_a's 576 outputs:
+  that pad copies its 4 MB weight at each call, small beside a decode step's other weight reads).
   """
   *lead, k = x.shape
   n = w.shape[0]

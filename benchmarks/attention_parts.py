@@ -90,7 +90,7 @@ def main(argv=None):
 
     def select(index_q, index_w, index_k, index_k_scale):
       def one_block(q, w, pos):
-        logits = dispatch.index_logits(q, w, index_k, index_k_scale, pos)
+        logits = dispatch.index_logits(q, w, index_k, index_k_scale, pos, skip_invisible=True)  # as the model
         return dispatch.topk(logits, cfg.index_topk, pos + 1)
       return attention_lib.map_query_blocks(one_block, block, index_q, index_w, positions)
 

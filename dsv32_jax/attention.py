@@ -137,8 +137,10 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
 
   def select_keys(index_q, index_w, pos):
     def scored():  # reference: indexer.index_logits / select_topk; the GPU and TPU kernels via the dispatch
-      logits = dispatch.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, pos, impl=opts.kernels)
-      # keys past pos are -inf; per sequence under a sharding plan (XLA would replicate top-k over a split batch)
+      # Keys past pos: left unwritten where the kernel can skip them (the top-k reads each row up to pos);
+      # top-k per sequence under a sharding plan (XLA would replicate it over a split batch).
+      logits = dispatch.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, pos, impl=opts.kernels,
+                                     skip_invisible=True)
       return opts.per_sequence(lambda scores, n: dispatch.topk(scores, cfg.index_topk, n, impl=opts.kernels))(
           logits, pos + 1)
 

@@ -27,10 +27,11 @@ class RunOptions:
   prefill_selection: str = "mask"           # the official demo masks dense scores
   decode_selection: str = "gather"          # gathering 2048 rows beats masking 128K at decode
   query_chunk: int = 256                    # queries per block when scoring and attending (bounds memory)
-  kernel_query_chunk: int = 2048            # queries per block of a gathered prefill when the DSA kernels
+  kernel_query_chunk: int = 4096            # queries per block of a gathered prefill when the DSA kernels
                                             # run: a block then holds only its [queries, keys] float32
-                                            # logits (1 GiB at 2048 x 128K); 256-query blocks made the
-                                            # 128K layer 1.24x slower on an H100 (BENCHMARKS.md)
+                                            # logits (2 GiB at 4096 x 128K); 256-query blocks made the
+                                            # 128K layer 1.24x slower on an H100, 4096 beat 2048 by 1.0-1.4%
+                                            # in three H200 sessions (BENCHMARKS.md)
   gathered_prefill_from: int | None = 4096  # a prefill over more keys than this takes the latent form over the
                                             # gathered top-k rows whenever the DSA kernels run on them (GPU,
                                             # TPU): on an H100 it passes the official form (through cuDNN, the

@@ -230,9 +230,14 @@ def gathered_dsa_runs_kernels(index_q, index_k, q_lat_dtype, c: int, r: int, imp
 
 def index_logits(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: Float[Array, "b t d"],
                  k_scale: Float[Array, "b t"], positions: Int[Array, "b s"], *, impl: str = "auto",
-                 config=None) -> Float[Array, "b s t"]:
+                 config=None, skip_invisible: bool = False) -> Float[Array, "b s t"]:
   """Indexer logits I[b,t,s] = k_scale[s] * sum_h w[t,h] ReLU(q[t,h] . k[s]), float32, -inf where
   key s > positions[b,t] (causal: a query sees the cache slots up to its own position).
+
+  ``skip_invisible``: the logits past a query's position may hold any value where a kernel can skip
+  writing them -- for a consumer that reads each row only up to it, as ``topk(..., lengths=positions + 1)``
+  does on every backend. The GPU kernel then leaves the key tiles past a query block's last visible key
+  unwritten (half of a prefill's float32 [queries, keys] logits); the others still write -inf.
 
   q, k: e4m3 (the released FP8 indexer) or float; w: float32 with the query scales folded in.
   Reference: ``dsv32_jax.indexer.index_logits``; GPU (e4m3): ``pallas_kernels.indexer_logits_mgpu``
@@ -246,7 +251,8 @@ def index_logits(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: Float[
     return reference(q, w, k, k_scale, visible)
   if backend == "gpu":
     from pallas_kernels.indexer_logits_mgpu import index_logits_mgpu
-    return index_logits_mgpu(q, w, k, k_scale, positions, **({"config": config} if config else {}))
+    return index_logits_mgpu(q, w, k, k_scale, positions, **({"config": config} if config else {}),
+                             fill_invisible=not skip_invisible)
   from pallas_kernels import index_logits_tpu
   if config is None:
     config = dataclasses.replace(index_logits_tpu.DEFAULT_CONFIG, fp8_matmul=_mxu_takes_e4m3())
@@ -258,8 +264,9 @@ def topk(logits: Float[Array, "*b t"], k: int, lengths: Int[Array, "*b"] | None 
   """Indices of the k largest logits of each row, used as a set; -1 fills the slots beyond the
   finite logits. Ties at the k-th value go to the lower index (``jax.lax.top_k``'s rule).
 
-  ``lengths`` (optional, per row): keys at positions >= lengths count as -inf, and kernels may skip
-  them (a causal row t passes ``position + 1``: half the work of a prefill).
+  ``lengths`` (optional, per row): keys at positions >= lengths count as -inf whatever the row holds
+  there (no backend reads them into the result), and kernels may skip them (a causal row t passes
+  ``position + 1``: half the work of a prefill).
 
   The order of the indices inside a row is unspecified (reference: by score; TPU kernel: ascending).
   ``approx_recall`` (e.g. 0.95) selects ``jax.lax.approx_max_k`` instead, on every backend: on a TPU

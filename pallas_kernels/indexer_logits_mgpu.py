@@ -19,7 +19,10 @@ the accumulator registers -- and writes one float32 row segment per query. Two q
 128) read each key tile from shared memory half as often per FLOP, which pays at long contexts
 (``default_config``). Tried and dropped (H200, BENCHMARKS.md): warp specialisation with 2-3 consumer
 warpgroups sharing each key tile (every tiling slower; 4 consumers hung), N = 256.
-Key tiles past the last visible key of the CTA's queries are not loaded: their outputs are -inf.
+Key tiles past the last visible key of the CTA's queries are not loaded: their outputs are -inf, or
+are left unwritten with ``fill_invisible=False`` -- for a consumer that reads each row only up to its
+query's position (the top-k with lengths), which then skips writing half of a prefill's [queries, keys]
+float32 matrix (32 GB over a 128K prompt's 2048-query blocks).
 """
 
 from __future__ import annotations
@@ -85,12 +88,15 @@ def _kv_splits(config: IndexerLogitsConfig, n_ctas: int, n_tiles: int) -> int:
 
 def index_logits_mgpu(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: Float[Array, "b t d"],
                       k_scale: Float[Array, "b t"], positions: Int[Array, "b s"],
-                      config: IndexerLogitsConfig | None = None, interpret: bool = False
-                      ) -> Float[Array, "b s t"]:
+                      config: IndexerLogitsConfig | None = None, interpret: bool = False,
+                      fill_invisible: bool = True) -> Float[Array, "b s t"]:
   """Indexer logits [B, S, T] (float32, -inf where key > position) from e4m3 q [B,S,H,D] and k [B,T,D].
 
   A CTA loads key tiles up to the largest position of its queries, so work follows the causal
   triangle when neighbouring queries have neighbouring positions (prefill chunks, decode).
+  ``fill_invisible=False``: the key tiles past the last visible key of a CTA's queries are not written
+  (their values are whatever the buffer held); keys past a query's position inside the tiles that are
+  computed are still -inf.
   """
   b, s, h, d = q.shape
   t = k.shape[1]
@@ -172,13 +178,13 @@ def index_logits_mgpu(q: Float[Array, "b s h d"], w: Float[Array, "b s h"], k: F
           max_concurrent_steps=steps,
       )(k_gmem.at[bi], ks_gmem.at[bi])
 
-    # Tiles no query of this block can see: -inf, without loading their keys.
-    fill_smem[...] = jnp.full(fill_smem.shape, -jnp.inf, jnp.float32)
-    plgpu.commit_smem()
+    if fill_invisible:  # tiles no query of this block can see: -inf, without loading their keys
+      fill_smem[...] = jnp.full(fill_smem.shape, -jnp.inf, jnp.float32)
+      plgpu.commit_smem()
 
-    @pl.loop(compute_end, last)
-    def _fill(tile):
-      plgpu.copy_smem_to_gmem(fill_smem.at[pl.ds(0, bq)], out_gmem.at[bi, pl.ds(q0, bq), pl.ds(tile * bkv, bkv)])
+      @pl.loop(compute_end, last)
+      def _fill(tile):
+        plgpu.copy_smem_to_gmem(fill_smem.at[pl.ds(0, bq)], out_gmem.at[bi, pl.ds(q0, bq), pl.ds(tile * bkv, bkv)])
     plgpu.wait_smem_to_gmem(0)
 
   unit = 256 // math.gcd(256, bkv)  # a constant store takes a multiple of 256 values

@@ -23,7 +23,9 @@ range of the query's top-k slots, and runs three warpgroups over pairs of 64-row
   m0 = max(m, rowmax S_0), consumer 1 answers m1 = max(m0, rowmax S_1) -- and each multiplies its
   probabilities P_w = exp(S_w - m) into the values of both tiles: its own P_w from registers, the other's
   from shared memory (P_0 in slot 0's rope columns, which nothing reads after consumer 0's scores; P_1 in
-  a buffer of its own). No score is computed twice.
+  a buffer of its own). No score is computed twice. These four hand-overs a pair go through hardware
+  named barriers (``bar.arrive`` / ``bar.sync``), as FlashMLA's; with mbarriers instead, decode at batch
+  32-128 was 6-7% slower and prefill the same within noise (H200, BENCHMARKS.md).
 
 Registers: consumers 232, producer 40 a thread (``SparseMlaMgpuConfig.registers``; FlashMLA's 216/72 measured
 slower here). ptxas still spills ~0.5 KiB a thread in consumer 0, which overlaps its next tile's scores with
@@ -191,6 +193,28 @@ def _wait_ready(idx_and_ready, k: int, parity):
   wait(idx_and_ready, parity)
 
 
+# Hardware named barriers for the consumers' four handshakes a pair (``bar.arrive`` by the 128 threads that
+# hand over, ``bar.sync`` by the 128 that take): one instruction each way, where an mbarrier's arrive and
+# parity wait cost a round trip through shared memory. Mosaic GPU takes ids 0 (the CTA) and 1..3 (its
+# warpgroups); these come after. Each is used once a pair, and neither side can start the next pair's use
+# before the other has passed this pair's (every handshake is answered within the pair).
+M0_READY, M1_READY, P0_READY, P1_READY = 8, 9, 10, 11
+CONSUMER_THREADS = 256
+
+
+def _named_barrier(bar_id: int, sync: bool):
+  """``bar.sync`` (wait for the other consumer) or ``bar.arrive`` (hand over) on named barrier bar_id; the
+  shared-memory writes before an arrive are visible to the syncing side after its sync."""
+  from jax.experimental.mosaic.gpu import utils as mu
+
+  @plgpu.inline_mgpu()
+  def barrier(ctx):
+    del ctx
+    mu.inline_ptx(f"bar.{'sync' if sync else 'arrive'} {bar_id}, {CONSUMER_THREADS};", has_side_effects=True)
+
+  barrier()
+
+
 def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv: Float[Array, "b t c"],
                     k_pe: Float[Array, "b t r"], idx: Int[Array, "b s k"], scale: float,
                     config: SparseMlaMgpuConfig = SparseMlaMgpuConfig()
@@ -221,7 +245,7 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
   c_scale = scale * LOG2E  # scores in log2 units: exp2 below
 
   def kernel(q_lat_gmem, q_pe_gmem, kv_gmem, k_pe_gmem, idx_gmem, live_gmem, out_gmem, lse_gmem, q_and_out, slot0,
-             slot1, p1_smem, rows_of_64, idx_smem, q_barrier, free_one, free_two, m_ready, p_ready, done):
+             slot1, p1_smem, rows_of_64, idx_smem, q_barrier, free_one, free_two, done):
     # Small per-row values: the running maxima the consumers trade and their sums; the tiles' indices.
     def m_row(wg): return rows_of_64.at[wg]
     def l_row(wg): return rows_of_64.at[2 + wg]
@@ -287,19 +311,19 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
       sc = masked(sc, 0)
       m0 = jnp.maximum(m, sc.max(axis=1))
       m_row(0)[...] = m0
-      plgpu.barrier_arrive(m_ready.at[0])
+      _named_barrier(M0_READY, sync=False)
       p, acc, l = softmax(sc, m, m0, acc, l)
       acc = wgmma_into(acc, p.astype(jnp.bfloat16), tile0.at[:, left])  # P_0 . V_0[:, :256]
       plgpu.barrier_arrive(free_one.at[0])
-      plgpu.barrier_wait(m_ready.at[1])
+      _named_barrier(M1_READY, sync=True)
       m1 = plgpu.load(m_row(1), layout=plgpu.Layout.WGMMA.reduce(1))
       p, acc, l = rescale(p, acc, l, m0, m1)
       p0_smem[...] = p.astype(jnp.bfloat16)
       plgpu.commit_smem()
-      plgpu.barrier_arrive(p_ready.at[0])
+      _named_barrier(P0_READY, sync=False)
       plgpu.barrier_arrive(free_two.at[0])
       _wait_ready(idx_smem, 2, lax.rem(i, 2))
-      plgpu.barrier_wait(p_ready.at[1])
+      _named_barrier(P1_READY, sync=True)
       if last:
         acc = wgmma_into(acc, p1_smem, tile1.at[:, left])  # P_1 . V_1[:, :256]
         plgpu.barrier_arrive(free_two.at[1])
@@ -320,11 +344,11 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
       acc, m, l = carry
       sc = masked(scores(1, True, i), 1)  # the producer sends slot 1's right half first
       plgpu.barrier_arrive(free_two.at[1])  # consumer 1's only read of slot 1's left half
-      plgpu.barrier_wait(m_ready.at[0])
+      _named_barrier(M0_READY, sync=True)
       m0 = plgpu.load(m_row(0), layout=plgpu.Layout.WGMMA.reduce(1))
       m1 = jnp.maximum(m0, sc.max(axis=1))
       m_row(1)[...] = m1
-      plgpu.barrier_arrive(m_ready.at[1])
+      _named_barrier(M1_READY, sync=False)
       p, acc, l = softmax(sc, m, m1, acc, l)
       p16 = p.astype(jnp.bfloat16)
 
@@ -332,9 +356,9 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
         plgpu.wgmma(acc_ref, p16, tile1.at[:, right])  # P_1 . V_1[:, 256:]
         p1_smem[...] = p16                             # while it runs: P_1 for consumer 0
         plgpu.commit_smem()
-        plgpu.barrier_arrive(p_ready.at[1])
+        _named_barrier(P1_READY, sync=False)
         _wait_ready(idx_smem, 1, lax.rem(i, 2))
-        plgpu.barrier_wait(p_ready.at[0])
+        _named_barrier(P0_READY, sync=True)
         plgpu.wgmma(acc_ref, p0_smem, tile0.at[:, right])  # P_0 . V_0[:, 256:]
         plgpu.wgmma_wait(1)
         plgpu.barrier_arrive(free_one.at[1])
@@ -411,8 +435,6 @@ def sparse_mla_mgpu(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"
         plgpu.Barrier(num_arrivals=2),                # queries: the latent and the rope part
         plgpu.Barrier(num_barriers=2),                # free_one
         plgpu.Barrier(num_arrivals=2, num_barriers=2),  # free_two
-        plgpu.Barrier(num_barriers=2),                # m_ready
-        plgpu.Barrier(num_barriers=2),                # p_ready
         plgpu.Barrier(num_arrivals=2),                # done
         collective_axes="wg",
     )

@@ -150,15 +150,20 @@ def topk_gpu(logits: Float[Array, "r t"], k: int, lengths: Int[Array, "r"] | Non
              config: TopkGpuConfig | None = None, interpret: bool = False) -> Int[Array, "r k"]:
   """Indices of the k largest values of each row (ties to the lower index), -1 where the value is -inf.
 
-  ``lengths[r]``: the row's values past it are -inf (a causal or decode row: position + 1); the
-  kernel never reads them. Default: the whole row. config: None takes DECODE_CONFIG for at most
+  ``lengths[r]``: the row's values past it count as -inf whatever they hold (a causal or decode row:
+  position + 1; the indexer-logits kernel may leave them unwritten); the kernel never reads them, and
+  the reference paths below mask them. Default: the whole row. config: None takes DECODE_CONFIG for at most
   DECODE_ROWS rows, PREFILL_CONFIG otherwise.
   """
   r, t = logits.shape
   config = config or (DECODE_CONFIG if r <= DECODE_ROWS else PREFILL_CONFIG)
-  if t <= 2 * k:
-    return reference(logits, k)  # short rows: pruning saves nothing
   lengths = jnp.full((r,), t, jnp.int32) if lengths is None else jnp.minimum(lengths, t)
+
+  def masked_reference():  # lax.top_k over the rows with -inf past their lengths
+    return reference(jnp.where(jnp.arange(t)[None, :] < lengths[:, None], logits, -jnp.inf), k)
+
+  if t <= 2 * k:
+    return masked_reference()  # short rows: pruning saves nothing
   parts = _row_parts(config, r, t, k)
   if parts > 1:
     return _topk_by_parts(logits, k, lengths, parts, config, interpret)
@@ -166,7 +171,7 @@ def topk_gpu(logits: Float[Array, "r t"], k: int, lengths: Int[Array, "r"] | Non
   if t % ROW_ALIGN:  # whole blocks of at least the largest segment (the padding is never read: lengths <= t)
     rows = jnp.pad(logits, ((0, 0), (0, ROW_ALIGN - t % ROW_ALIGN)), constant_values=-jnp.inf)
   idx, overflow = topk_candidates_kernel(rows, lengths, k, config, interpret)
-  return lax.cond(jnp.any(overflow > 0), lambda: reference(logits, k), lambda: idx)
+  return lax.cond(jnp.any(overflow > 0), masked_reference, lambda: idx)
 
 
 NUM_SMS = 132  # H100 / H200 SXM

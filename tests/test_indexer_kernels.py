@@ -21,10 +21,14 @@ def indexer_inputs(rng, b, s, t, h=64, d=128):
   return q8, w, k8, ks[..., 0]
 
 
-def check_logits(out, q8, w, k8, ks, positions, tolerance=1e-6):
+def check_logits(out, q8, w, k8, ks, positions, tolerance=1e-6, visible_only=False):
+  """out against the reference; visible_only: only the keys up to each query's position (the kernel may
+  leave the rest unwritten)."""
   visible = jnp.arange(k8.shape[1])[None, None, :] <= positions[:, :, None]
   ref = np.asarray(indexer.index_logits(q8, w, k8, ks, visible))
   out = np.asarray(out)
+  if visible_only:
+    out, ref = out[np.asarray(visible)], ref[np.asarray(visible)]
   np.testing.assert_array_equal(np.isneginf(out), np.isneginf(ref))
   finite = np.isfinite(ref)
   assert rel_err(out[finite], ref[finite]) < tolerance
@@ -49,6 +53,18 @@ def test_logits_kernel_in_interpret_mode(rng, b, s, t, config, positions):
   out = index_logits_mgpu(q8, w, k8, ks, positions, config, interpret=True)
   assert out.shape == (b, s, t) and out.dtype == jnp.float32
   check_logits(out, q8, w, k8, ks, positions)
+
+
+def test_logits_kernel_can_leave_the_invisible_tiles_unwritten(rng):
+  """fill_invisible=False (the model's prefill, whose top-k reads each row up to its position): the visible
+  logits are the reference's, and the keys past a position inside a computed tile are still -inf."""
+  q8, w, k8, ks = indexer_inputs(rng, 1, 4, 512)
+  positions = jnp.asarray([[40, 41, 100, 130]], jnp.int32)
+  config = IndexerLogitsConfig(block_q=2, block_kv=64, kv_splits=2)
+  out = index_logits_mgpu(q8, w, k8, ks, positions, config, interpret=True, fill_invisible=False)
+  check_logits(out, q8, w, k8, ks, positions, visible_only=True)
+  out = np.asarray(out)
+  assert np.isneginf(out[0, 0, 41:64]).all() and np.isneginf(out[0, 3, 131:192]).all()  # tiles each block computes
 
 
 def test_logits_kernel_lowers_for_hopper_at_the_671b_shapes():
@@ -151,6 +167,24 @@ def test_topk_split_rows_equal_the_reference(rng, parts):
   assert all(set(got[i]) == set(ref[i]) for i in range(r))
 
 
+@pytest.mark.parametrize("t, k, parts, tied", [(1000, 16, 1, False), (30, 16, 1, False), (1000, 16, 2, False),
+                                             (1024, 16, 1, True)])
+def test_topk_ignores_what_rows_hold_past_their_lengths(rng, t, k, parts, tied):
+  """Values past a row's length (NaN, +inf, large: what an unwritten logits buffer may hold) count as -inf on
+  every path: the kernel, short rows, rows split into parts, and the fallback when segment maxima tie."""
+  lengths = np.array([t // 2, 3, t], np.int32)
+  x = (np.zeros((3, t)) if tied else rng.standard_normal((3, t))).astype(np.float32)
+  if tied:  # every segment maximum ties at 0 but a few: the candidate buffer overflows (the fallback)
+    x[:, rng.choice(t // 4, 5, replace=False)] = 1.0
+  visible = np.arange(t)[None] < lengths[:, None]
+  ref = np.asarray(indexer.select_topk(jnp.asarray(np.where(visible, x, -np.inf))[None], k))[0]
+  x[0, t // 2:] = np.nan
+  x[1, 3:] = np.where(np.arange(3, t) % 2, np.inf, 1e30)
+  got = np.asarray(topk_gpu(jnp.asarray(x), k, jnp.asarray(lengths), TopkGpuConfig(block=256, row_parts=parts),
+                            interpret=True))
+  assert [sorted(r) for r in got.tolist()] == [sorted(r) for r in ref.tolist()]
+
+
 def test_topk_segment_sizes():
   lengths = jnp.asarray([1, 20, 8 * 16 - 1, 8 * 16, 16 * 16, 4 * 16 * 64, 10 ** 6], jnp.int32)
   assert segment_log2(lengths, 16).tolist() == [0, 0, 0, 1, 2, 6, 6]
@@ -167,14 +201,17 @@ def test_topk_falls_back_when_maxima_tie(rng):
   assert sorted(got[0].tolist()) == sorted(np.asarray(indexer.select_topk(jnp.asarray(x), 16))[0].tolist())
 
 
-def test_gpu_kernels_match_the_dispatch_reference(rng):
-  """The dispatch's reference path (the model's 'reference' kernels) and the GPU kernels, interpreted."""
+@pytest.mark.parametrize("fill_invisible", [True, False])
+def test_gpu_kernels_match_the_dispatch_reference(rng, fill_invisible):
+  """The dispatch's reference path (the model's 'reference' kernels) and the GPU kernels, interpreted; the
+  model's prefill leaves the logits past each block's last visible key tile unwritten."""
   q8, w, k8, ks = indexer_inputs(rng, 1, 3, 1024)
-  positions = jnp.asarray([[600, 601, 1023]], jnp.int32)
-  ref = dispatch.index_logits(q8, w, k8, ks, positions, impl="reference")
+  positions = jnp.asarray([[300, 301, 600]], jnp.int32)
+  ref = dispatch.index_logits(q8, w, k8, ks, positions, impl="reference", skip_invisible=not fill_invisible)
   check_logits(ref, q8, w, k8, ks, positions)
-  kernel = index_logits_mgpu(q8, w, k8, ks, positions, interpret=True)
-  check_logits(kernel, q8, w, k8, ks, positions)
+  kernel = index_logits_mgpu(q8, w, k8, ks, positions, IndexerLogitsConfig(block_q=2, block_kv=128),
+                             interpret=True, fill_invisible=fill_invisible)
+  check_logits(kernel, q8, w, k8, ks, positions, visible_only=not fill_invisible)
   lengths = positions + 1
   a = np.asarray(topk_gpu(kernel[0], 16, lengths[0], config=TopkGpuConfig(block=256), interpret=True))
   r = np.asarray(dispatch.topk(ref, 16, lengths, impl="reference"))[0]

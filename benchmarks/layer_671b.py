@@ -91,6 +91,9 @@ def main(argv=None):
                        "(MQA) form over the gathered top-k rows, or the model's default choice by length (auto: "
                        "RunOptions.gathered_prefill_from)")
   ap.add_argument("--query-chunk", type=int, help="RunOptions.query_chunk: queries per block in prefill")
+  ap.add_argument("--kernel-query-chunk", type=int,
+                  help="RunOptions.kernel_query_chunk: queries per block when the DSA kernels score and attend "
+                       "(the block is the larger of the two chunks)")
   ap.add_argument("--skip-parts", action="store_true", help="time only whole layers")
   ap.add_argument("--attention-only", action="store_true", help="time only the attention part of prefill")
   ap.add_argument("--dense-baseline", action="store_true",
@@ -106,10 +109,13 @@ def main(argv=None):
     opts = opts.replace(gathered_prefill_from=None)
   if args.query_chunk:
     opts = opts.replace(query_chunk=args.query_chunk)
+  if args.kernel_query_chunk:
+    opts = opts.replace(kernel_query_chunk=args.kernel_query_chunk)
   dtype = opts.jnp_dtype
   p = random_layer(cfg, jax.random.key(0), args.fp8)
   print(f"device: {jax.devices()[0].device_kind}; preset {args.preset}; weights {'fp8' if args.fp8 else 'bf16'}; "
-        f"kernels {args.kernels}; prefill {args.prefill_form}; query chunk {opts.query_chunk}", flush=True)
+        f"kernels {args.kernels}; prefill {args.prefill_form}; query chunks {opts.query_chunk} (reference) / "
+        f"{max(opts.query_chunk, opts.kernel_query_chunk)} (DSA kernels)", flush=True)
   results = {"device": jax.devices()[0].device_kind, "preset": args.preset, "fp8": args.fp8,
              "prefill_form": args.prefill_form, "kernels": args.kernels, "rows": []}
 

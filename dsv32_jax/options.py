@@ -30,8 +30,8 @@ class RunOptions:
   kernel_query_chunk: int = 4096            # queries per block of a gathered prefill when the DSA kernels
                                             # run: a block then holds only its [queries, keys] float32
                                             # logits (2 GiB at 4096 x 128K); 256-query blocks made the
-                                            # 128K layer 1.24x slower on an H100, 4096 beat 2048 by 1.0-1.4%
-                                            # in three H200 sessions (BENCHMARKS.md)
+                                            # 128K layer 1.24x slower on an H100; 4096 (or 4224) beat 2048 by
+                                            # 0.8-1.4% in three H200 comparisons (BENCHMARKS.md)
   gathered_prefill_from: int | None = 4096  # a prefill over more keys than this takes the latent form over the
                                             # gathered top-k rows whenever the DSA kernels run on them (GPU,
                                             # TPU): on an H100 it passes the official form (through cuDNN, the

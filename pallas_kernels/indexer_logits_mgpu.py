@@ -22,7 +22,7 @@ warpgroups sharing each key tile (every tiling slower; 4 consumers hung), N = 25
 Key tiles past the last visible key of the CTA's queries are not loaded: their outputs are -inf, or
 are left unwritten with ``fill_invisible=False`` -- for a consumer that reads each row only up to its
 query's position (the top-k with lengths), which then skips writing half of a prefill's [queries, keys]
-float32 matrix (32 GB over a 128K prompt's 2048-query blocks).
+float32 matrix (32 GB over a 128K prompt's query blocks).
 """
 
 from __future__ import annotations

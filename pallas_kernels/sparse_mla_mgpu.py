@@ -24,8 +24,9 @@ range of the query's top-k slots, and runs three warpgroups over pairs of 64-row
   probabilities P_w = exp(S_w - m) into the values of both tiles: its own P_w from registers, the other's
   from shared memory (P_0 in slot 0's rope columns, which nothing reads after consumer 0's scores; P_1 in
   a buffer of its own). No score is computed twice. These four hand-overs a pair go through hardware
-  named barriers (``bar.arrive`` / ``bar.sync``), as FlashMLA's; with mbarriers instead, decode at batch
-  32-128 was 6-7% slower and prefill the same within noise (H200, BENCHMARKS.md).
+  named barriers (``bar.arrive`` / ``bar.sync``), as FlashMLA's: against mbarriers, decode at batch 32-128
+  ran 6-7% faster, prefill from 5.8% slower to 2.3% faster over four cases (one sample each; H200,
+  BENCHMARKS.md).
 
 Registers: consumers 232, producer 40 a thread (``SparseMlaMgpuConfig.registers``; FlashMLA's 216/72 measured
 slower here). ptxas still spills ~0.5 KiB a thread in consumer 0, which overlaps its next tile's scores with
@@ -196,8 +197,9 @@ def _wait_ready(idx_and_ready, k: int, parity):
 # Hardware named barriers for the consumers' four handshakes a pair (``bar.arrive`` by the 128 threads that
 # hand over, ``bar.sync`` by the 128 that take): one instruction each way, where an mbarrier's arrive and
 # parity wait cost a round trip through shared memory. Mosaic GPU takes ids 0 (the CTA) and 1..3 (its
-# warpgroups); these come after. Each is used once a pair, and neither side can start the next pair's use
-# before the other has passed this pair's (every handshake is answered within the pair).
+# warpgroups: ``mosaic.gpu.utils.warpgroup_barrier_idx`` in jax 0.11.2 -- recheck after an upgrade); these
+# come after. Each is used once a pair, and neither side can start the next pair's use before the other
+# has passed this pair's (every handshake is answered within the pair).
 M0_READY, M1_READY, P0_READY, P1_READY = 8, 9, 10, 11
 CONSUMER_THREADS = 256
 

@@ -151,8 +151,8 @@ def topk_gpu(logits: Float[Array, "r t"], k: int, lengths: Int[Array, "r"] | Non
   """Indices of the k largest values of each row (ties to the lower index), -1 where the value is -inf.
 
   ``lengths[r]``: the row's values past it count as -inf whatever they hold (a causal or decode row:
-  position + 1; the indexer-logits kernel may leave them unwritten); the kernel never reads them, and
-  the reference paths below mask them. Default: the whole row. config: None takes DECODE_CONFIG for at most
+  position + 1; the indexer-logits kernel may leave them unwritten); the kernel masks them where its last
+  block reads past a length, and the reference paths below mask them. Default: the whole row. config: None takes DECODE_CONFIG for at most
   DECODE_ROWS rows, PREFILL_CONFIG otherwise.
   """
   r, t = logits.shape

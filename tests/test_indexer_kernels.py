@@ -65,6 +65,27 @@ def test_logits_kernel_can_leave_the_invisible_tiles_unwritten(rng):
   check_logits(out, q8, w, k8, ks, positions, visible_only=True)
   out = np.asarray(out)
   assert np.isneginf(out[0, 0, 41:64]).all() and np.isneginf(out[0, 3, 131:192]).all()  # tiles each block computes
+  # Past them nothing is written: interpret mode fills unwritten memory with NaN (uninitialized_memory="nan").
+  assert np.isnan(out[0, :2, 64:]).all() and np.isnan(out[0, 2:, 192:]).all()
+
+
+def test_dispatch_passes_skip_invisible_to_the_gpu_kernel(rng, monkeypatch):
+  """dispatch.index_logits(skip_invisible=...) reaches the GPU kernel as fill_invisible=not skip_invisible."""
+  from pallas_kernels import indexer_logits_mgpu
+  seen = []
+
+  def kernel(*args, fill_invisible=True, **kwargs):
+    seen.append(fill_invisible)
+    return index_logits_mgpu(*args, interpret=True, fill_invisible=fill_invisible, **kwargs)
+
+  monkeypatch.setattr(dispatch, "on_gpu", lambda: True)
+  monkeypatch.setattr(indexer_logits_mgpu, "index_logits_mgpu", kernel)
+  q8, w, k8, ks = indexer_inputs(rng, 1, 2, 256)
+  positions = jnp.asarray([[10, 11]], jnp.int32)
+  for skip in (False, True):
+    out = dispatch.index_logits(q8, w, k8, ks, positions, impl="pallas", skip_invisible=skip)
+    check_logits(out, q8, w, k8, ks, positions, visible_only=skip)
+  assert seen == [True, False]
 
 
 def test_logits_kernel_lowers_for_hopper_at_the_671b_shapes():

@@ -9,19 +9,20 @@ with e = block_expert[r // block_m]: the official ``fp8_gemm`` (e4m3 activations
 with their scales, e4m3 weights with a scale per 128x128 block), one expert per row block. Blocks
 with ``block_expert < 0`` (past the last used block) are skipped and left unwritten.
 
-Work decomposition. A CTA owns one ``block_m x block_n`` output tile (``block_n`` = 128 = one weight
-scale block) of one expert. K streams in 128-wide steps through a TMA pipeline; each step's FP8
-wgmma accumulates into a fresh float32 accumulator, which is then *promoted* into the running sum
-with the step's scales (x's per-row scale times the weight block's scalar): the two-level
-accumulation DeepGEMM uses, since FP8 wgmma has no per-block scales of its own. The running sum and
-the step's product are 64 + 64 registers a thread.
+Work decomposition. Each compute warpgroup owns a 64 x ``block_n`` output tile of one expert (64: the
+wgmma M; ``block_n``: whole weight-scale blocks of 128 columns). K streams in 128-wide steps through a
+TMA pipeline; each step's FP8 wgmma over 128 columns accumulates into a fresh float32 accumulator,
+which is then *promoted* into the running sum with the step's scales (x's per-row scale times the
+weight block's scalar): the two-level accumulation DeepGEMM uses, since FP8 wgmma has no per-block
+scales of its own. The running sum is 64 registers a thread per 128 columns, the step's product 64.
 
 Two schedules (``GroupedGemmConfig.consumers``): 1 -- one warpgroup per CTA issues the TMA pipeline
 and waits for each step's wgmma before promoting it; 2 (the default where N is a multiple of 256) --
-warp specialisation as in DeepGEMM: a TMA warpgroup feeds two compute warpgroups that share the x tile
-and own 128 columns each, so one's promotion overlaps the other's wgmma. Measured on an H200 at the
-671B expert shapes, 2 with a 4-step pipeline beat 1 at every size (1.25x at 1K rows, 1.27x at 128K:
-BENCHMARKS.md).
+warp specialisation as in DeepGEMM: a TMA warpgroup feeds two compute warpgroups, side by side
+(``block_m`` = 64: they share the x tile) or stacked (``block_m`` = 128: they share the weight tile),
+so one's promotion overlaps the other's wgmma. Measured on an H200 at the 671B expert shapes, 2 side
+by side with a 4-step pipeline beat 1 at every size (1.25x at 1K rows, 1.27x at 128K: BENCHMARKS.md).
+CTAs take their tiles rows first, or in groups of ``group_m`` row blocks across all column blocks.
 
 Several weights of the same shape (an expert's gate and up projections) go in one launch: the
 grid's first axis picks the weight, the x tile is read once per weight. With a single group the same
@@ -46,37 +47,73 @@ from jaxtyping import Array, Float, Int
 from dsv32_jax import quant
 
 FP8 = jnp.float8_e4m3fn
+SMEM_BYTES = 224 * 1024  # what a CTA's pipeline and staging tiles may take of Hopper's 227 KiB of shared memory
 SCALE_BLOCK = quant.FP8_BLOCK  # 128: the release's weight-scale block and the activation-scale block
 
 
 @dataclasses.dataclass(frozen=True)
 class GroupedGemmConfig:
-  """Tiling of the Mosaic GPU grouped FP8 GEMM."""
+  """Tiling of the Mosaic GPU grouped FP8 GEMM.
 
-  block_m: int = 64             # rows per CTA (the wgmma M; the routing glue pads each expert to it)
-  block_n: int = 128            # output columns per CTA: one weight-scale block
-  max_concurrent_steps: int = 4  # depth of the K pipeline (each step: block_m x 128 + block_n x 128 bytes)
+  Each compute warpgroup owns a 64 x ``block_n`` tile of the output (64: the wgmma M). With 2
+  warpgroups, ``block_m`` = 64 puts them side by side (the CTA's tile is 64 x 2 block_n, the x tile
+  shared) and ``block_m`` = 128 stacks them (128 x block_n, the weight tile shared).
+  """
+
+  block_m: int = 64             # rows per CTA (the routing glue pads each expert to it): 64, or 64 x consumers
+  block_n: int = 128            # output columns per compute warpgroup: whole weight-scale blocks of 128,
+                                # taken one wgmma (and one float32 promotion) at a time
+  max_concurrent_steps: int = 4  # depth of the K pipeline (each step: block_m x 128 + CTA columns x 128 bytes)
   consumers: int = 2            # compute warpgroups per CTA: 1, or 2 beside a TMA warpgroup (warp
-                                # specialisation; each owns 128 of the CTA's 256 columns and shares x).
-                                # 2 with 4 steps was fastest at every size measured (H200, BENCHMARKS.md)
+                                # specialisation). 2 side by side with 4 steps was fastest for the
+                                # experts at every size measured (H200, BENCHMARKS.md)
+  group_m: int = 0              # tile order: 0 walks all row blocks of a column block first; G > 0 walks
+                                # G row blocks across every column block, then the next G, so a wave
+                                # of CTAs shares x and w tiles in L2 (Triton's "grouped ordering")
 
   def __post_init__(self):
-    if self.block_m % 64:
-      raise ValueError(f"block_m = {self.block_m} must be a multiple of 64 (the wgmma M)")
     if self.consumers not in (1, 2):
       raise ValueError(f"consumers = {self.consumers}: expected 1 or 2 compute warpgroups")
-    if self.block_n != SCALE_BLOCK:
-      raise ValueError(f"block_n = {self.block_n}: the kernel applies one weight scale per tile, so it must be "
-                       f"{SCALE_BLOCK}")
+    if self.block_m not in {64, 64 * self.consumers}:
+      raise ValueError(f"block_m = {self.block_m}: expected 64 (warpgroups side by side) or "
+                       f"{64 * self.consumers} (one 64-row wgmma tile per warpgroup, stacked)")
+    if self.group_m < 0:
+      raise ValueError(f"group_m = {self.group_m}: expected 0 (rows first) or a positive group of row blocks")
+    if self.block_n % SCALE_BLOCK:
+      raise ValueError(f"block_n = {self.block_n} must be a multiple of {SCALE_BLOCK}: the kernel applies one "
+                       f"weight scale per 128 columns")
+
+  @property
+  def row_groups(self) -> int:
+    """Warpgroups stacked along the rows (each 64 of them)."""
+    return self.block_m // 64
+
+  @property
+  def cta_n(self) -> int:
+    """Output columns per CTA."""
+    return self.consumers // self.row_groups * self.block_n
 
 
 DEFAULT_CONFIG = GroupedGemmConfig()
+# A prefill's dense linears walk their tiles in groups of 16 row blocks: at 128K rows on the H200 that
+# was 3-6% faster than rows first for wo / wq_b, and 2-4% slower at 4K (BENCHMARKS.md, session 25).
+GROUPED_ORDER_M = 16
+GROUPED_ORDER_FROM = 16384  # rows
 
 
 def default_config(n: int) -> GroupedGemmConfig:
   """The default tiling for N output columns: warp-specialised where N splits into 256-column CTAs."""
-  return DEFAULT_CONFIG if n % (DEFAULT_CONFIG.consumers * DEFAULT_CONFIG.block_n) == 0 else \
-      dataclasses.replace(DEFAULT_CONFIG, consumers=1)
+  return DEFAULT_CONFIG if n % DEFAULT_CONFIG.cta_n == 0 else dataclasses.replace(DEFAULT_CONFIG, consumers=1)
+
+
+def dense_config(m: int, n: int) -> GroupedGemmConfig:
+  """The tiling of a dense FP8 linear with M rows and N (padded) output columns.
+
+  The stacked tilings (``block_m`` = 128) were slower than side by side for every projection at 4K and
+  128K rows (H200, BENCHMARKS.md session 24/25), so they stay a tuning choice, not a default.
+  """
+  config = default_config(n)
+  return dataclasses.replace(config, group_m=GROUPED_ORDER_M) if m >= GROUPED_ORDER_FROM else config
 
 
 def _check_operands(xq, xs, weights, w_scales, block_expert, block_m):
@@ -113,15 +150,18 @@ def grouped_gemm_fp8(xq: Float[Array, "m k"], xs: Float[Array, "m kb"], weights:
   config: the tiling; None: ``default_config(N)``.
   """
   config = config or default_config(weights[0].shape[1])
-  bm, bn, bk = config.block_m, config.block_n, SCALE_BLOCK
+  bm, bk = config.block_m, SCALE_BLOCK
   _check_operands(xq, xs, weights, w_scales, block_expert, bm)
   m, k = xq.shape
   n = weights[0].shape[1]
-  wgs = config.consumers
-  cta_n = wgs * bn
+  wgs, cta_n = config.consumers, config.cta_n
   if n % cta_n:
-    raise ValueError(f"N = {n} must be a multiple of {cta_n} ({wgs} warpgroups x {bn} columns)")
+    raise ValueError(f"N = {n} must be a multiple of {cta_n} (the CTA's columns: {wgs} warpgroup(s) with block_n "
+                     f"= {config.block_n}, block_m = {bm})")
+  wg_m, scale_blocks = 64, config.block_n // bk  # a warpgroup's rows; its weight-scale blocks (one wgmma each)
   n_weights, n_blocks_m, n_blocks_n, k_steps = len(weights), m // bm, n // cta_n, k // bk
+  staging_bytes = wgs * wg_m * bk * jnp.dtype(out_dtype).itemsize
+  steps = min(config.max_concurrent_steps, (SMEM_BYTES - staging_bytes) // ((bm + cta_n) * bk))  # e4m3 tiles
   xs_t = xs.astype(jnp.float32).T  # [K/128, M]: a row block's scales of one K step are contiguous
   tiled = (plgpu.TilingTransform((8, 128)), plgpu.SwizzleTransform(128))
   in_specs = [
@@ -130,30 +170,55 @@ def grouped_gemm_fp8(xq: Float[Array, "m k"], xs: Float[Array, "m kb"], weights:
       plgpu.BlockSpec((1, bm), lambda s: (s, 0)),
   ]
 
+  def tile_position(t):
+    """(row block, column block) of the t-th CTA (the fastest-varying grid axis)."""
+    if not config.group_m:
+      return t % n_blocks_m, t // n_blocks_m
+    per_group = config.group_m * n_blocks_n
+    first_m = t // per_group * config.group_m
+    group_rows = jnp.minimum(n_blocks_m - first_m, config.group_m)  # the last group may be short
+    within = t % per_group
+    return first_m + within % group_rows, within // group_rows
+
   def kernel(block_expert_gmem, xs_gmem, x_gmem, *refs):
     w_gmems, ws_gmems = refs[:n_weights], refs[n_weights:2 * n_weights]
     out_gmem, o_smem = refs[2 * n_weights:]
-    wi, ni, mi = lax.axis_index("w"), lax.axis_index("n"), lax.axis_index("m")
+    wi = lax.axis_index("w")
+    mi, ni = tile_position(lax.axis_index("tile"))
     wg = lax.axis_index("wg") if wgs > 1 else 0
+    wg_row, wg_col = (wg, 0) if config.row_groups > 1 else (0, wg)  # this warpgroup's place in the CTA's tile
     expert = block_expert_gmem[mi]
-    col_block = ni * wgs + wg  # this warpgroup's 128 output columns: one weight-scale block
+    first_col_block = (ni * cta_n + wg_col * config.block_n) // bk  # its first weight-scale block of columns
 
     def step(ws_gmem, idx, x_smem, w_smem, xs_smem, acc):
-      def product(tmp_ref):  # this K step's x . w^T, FP8 operands, float32 accumulation
-        plgpu.wgmma(tmp_ref, x_smem, w_smem.at[pl.ds(wg * bn, bn)].T if wgs > 1 else w_smem.T)
-        return plgpu.wgmma_accumulator_load(tmp_ref)
-      partial = pl.run_scoped(product, plgpu.ACC((bm, bn), jnp.float32))
-      scale = xs_smem[0] * ws_gmem[expert, col_block, idx[0]]  # per row: x's block scale times the weight block's
-      return acc + partial * lax.broadcast_in_dim(scale, (bm, bn), [0])
+      x_rows = x_smem.at[pl.ds(wg_row * wg_m, wg_m)] if config.row_groups > 1 else x_smem
+      # The step's scales, per row: x's block scale times each weight block's (loaded before the wgmma waits)
+      row_scale = xs_smem[0, pl.ds(wg_row * wg_m, wg_m)]
+      scales = [row_scale * ws_gmem[expert, first_col_block + j, idx[0]] for j in range(scale_blocks)]
+      out = []
+      for j in range(scale_blocks):
+        w_cols = w_smem.at[pl.ds((wg_col * scale_blocks + j) * bk, bk)] if cta_n > bk else w_smem
+
+        def product(tmp_ref):  # this K step's x . w^T over 128 columns, FP8 operands, float32 accumulation
+          plgpu.wgmma(tmp_ref, x_rows, w_cols.T)
+          return plgpu.wgmma_accumulator_load(tmp_ref)
+        partial = pl.run_scoped(product, plgpu.ACC((wg_m, bk), jnp.float32))
+        out.append(acc[j] + partial * lax.broadcast_in_dim(scales[j], (wg_m, bk), [0]))
+      return tuple(out)
 
     def epilogue(acc):
-      o_smem.at[wg][...] = acc.astype(o_smem.dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[wi, pl.ds(mi * bm, bm), pl.ds(col_block * bn, bn)])
+      rows = pl.ds(mi * bm + wg_row * wg_m, wg_m)
+      for j, part in enumerate(acc):  # 128 columns at a time through this warpgroup's staging tile
+        if j:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        o_smem.at[wg][...] = part.astype(o_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[wg], out_gmem.at[wi, rows, pl.ds((first_col_block + j) * bk, bk)])
       plgpu.wait_smem_to_gmem(0)
 
     def zeros():
-      return plgpu.layout_cast(jnp.zeros((bm, bn), jnp.float32), plgpu.Layout.WGMMA)
+      return tuple(plgpu.layout_cast(jnp.zeros((wg_m, bk), jnp.float32), plgpu.Layout.WGMMA)
+                   for _ in range(scale_blocks))
 
     def tile(w_gmem, ws_gmem):
       operands = (x_gmem.at[pl.ds(mi * bm, bm)], w_gmem.at[expert, pl.ds(ni * cta_n, cta_n)],
@@ -161,11 +226,11 @@ def grouped_gemm_fp8(xq: Float[Array, "m k"], xs: Float[Array, "m kb"], weights:
       body = functools.partial(step, ws_gmem)
       if wgs == 1:
         epilogue(plgpu.emit_pipeline(body, grid=(k_steps,), in_specs=in_specs,
-                                     max_concurrent_steps=config.max_concurrent_steps, init_carry=zeros())(*operands))
+                                     max_concurrent_steps=steps, init_carry=zeros())(*operands))
         return
       plgpu.emit_pipeline_warp_specialized(
           body, grid=(k_steps,), in_specs=in_specs, memory_registers=40, wg_axis="wg", num_compute_wgs=wgs,
-          max_concurrent_steps=config.max_concurrent_steps,
+          max_concurrent_steps=steps,
           compute_context=lambda run_pipeline: epilogue(run_pipeline(zeros())),
       )(*operands)
 
@@ -178,9 +243,9 @@ def grouped_gemm_fp8(xq: Float[Array, "m k"], xs: Float[Array, "m kb"], weights:
   run = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((n_weights, m, n), out_dtype),
-      scratch_types=[plgpu.SMEM((wgs, bm, bn), out_dtype)],
-      grid=(n_weights, n_blocks_n, n_blocks_m),
-      grid_names=("w", "n", "m"),
+      scratch_types=[plgpu.SMEM((wgs, wg_m, bk), out_dtype)],
+      grid=(n_weights, n_blocks_m * n_blocks_n),
+      grid_names=("w", "tile"),
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=plgpu.InterpretGPUParams() if interpret else None,
       **threads,
@@ -189,22 +254,24 @@ def grouped_gemm_fp8(xq: Float[Array, "m k"], xs: Float[Array, "m kb"], weights:
 
 
 def dense_gemm_fp8(x: Float[Array, "... k"], w: Float[Array, "n k"], w_scale: Float[Array, "nb kb"], out_dtype,
-                   interpret: bool = False) -> Float[Array, "... n"]:
+                   interpret: bool = False, config: GroupedGemmConfig | None = None) -> Float[Array, "... n"]:
   """A block-scaled FP8 linear, ``x @ W^T`` with W = w * w_scale per 128x128 block: the official
   ``act_quant`` + ``fp8_gemm`` (x quantised per 1x128 block with ue8m0 scales), as the grouped GEMM with
-  a single group. Rows are padded to the tile's block_m and N to a multiple of 128 (wkv_a's 576 outputs:
-  that pad copies its 4 MB weight at each call, small beside a decode step's other weight reads).
+  a single group. Rows are padded to the tile's block_m and N to the CTA's columns (wkv_a's 576 outputs
+  become 640 with the default tilings: that pad copies its 4 MB weight at each call, small beside a decode
+  step's other weight reads). config: the tiling; None: ``dense_config(M, N padded to 128)``.
   """
   *lead, k = x.shape
   n = w.shape[0]
   rows = x.reshape(-1, k)
   m = rows.shape[0]
   xq, xs = quant.act_quant(rows)
-  n_pad = -(-n // SCALE_BLOCK) * SCALE_BLOCK
-  config = default_config(n_pad)
+  config = config or dense_config(m, -(-n // SCALE_BLOCK) * SCALE_BLOCK)
+  n_pad = -(-n // config.cta_n) * config.cta_n
   m_pad = -(-m // config.block_m) * config.block_m
   xq, xs = jnp.pad(xq, ((0, m_pad - m), (0, 0))), jnp.pad(xs, ((0, m_pad - m), (0, 0)))
-  w = jnp.pad(w, ((0, n_pad - n), (0, 0)))  # the scale grid already covers the partial block
+  w = jnp.pad(w, ((0, n_pad - n), (0, 0)))  # zero rows: the padded columns come out zero
+  w_scale = jnp.pad(w_scale, ((0, n_pad // SCALE_BLOCK - w_scale.shape[0]), (0, 0)), constant_values=1.0)
   block_expert = jnp.zeros((m_pad // config.block_m,), jnp.int32)
   out = grouped_gemm_fp8(xq, xs, (w[None],), (w_scale[None],), block_expert, config, out_dtype, interpret)[0]
   return out[:m, :n].reshape(*lead, n)

@@ -10,11 +10,13 @@ from dsv32_jax.config import preset
 from dsv32_jax.params import init_params
 from pallas_kernels import dispatch
 from dsv32_jax.layers import linear
-from pallas_kernels.grouped_gemm_fp8_mgpu import (GroupedGemmConfig, default_config, dense_gemm_fp8, grouped_gemm_fp8,
+from pallas_kernels.grouped_gemm_fp8_mgpu import (GROUPED_ORDER_FROM, GROUPED_ORDER_M, GroupedGemmConfig,
+                                                 default_config, dense_config, dense_gemm_fp8, grouped_gemm_fp8,
                                                  grouped_gemm_fp8_reference)
 from tests.conftest import rel_err
 
 BM = GroupedGemmConfig().block_m
+STACKED = GroupedGemmConfig(block_m=128, block_n=256)  # 2 warpgroups of 64 x 256, sharing the weight tile
 
 
 def fp8_experts(rng, e, n, k):
@@ -23,9 +25,9 @@ def fp8_experts(rng, e, n, k):
   return jnp.asarray(np.stack([w for w, _ in pairs])), jnp.asarray(np.stack([s for _, s in pairs]))
 
 
-def block_layout(sizes, unused_blocks=2):
-  """block_expert for the given rows per expert, padded to BM, plus some unused blocks."""
-  parts = [np.full(-(-z // BM), e) for e, z in enumerate(sizes)] + [np.full(unused_blocks, -1)]
+def block_layout(sizes, unused_blocks=2, bm=BM):
+  """block_expert for the given rows per expert, padded to bm, plus some unused blocks."""
+  parts = [np.full(-(-z // bm), e) for e, z in enumerate(sizes)] + [np.full(unused_blocks, -1)]
   return np.concatenate(parts).astype(np.int32)
 
 
@@ -33,16 +35,21 @@ def block_layout(sizes, unused_blocks=2):
     ([70, 0, 1, 130], 256, 256, 2, GroupedGemmConfig(consumers=1)),  # an empty group, one row, ragged sizes
     ([0, 64, 0], 128, 384, 1, None),                      # one block between empty ones; N = 128: 1 consumer
     ([70, 0, 1, 130], 512, 256, 2, GroupedGemmConfig(consumers=2, max_concurrent_steps=2)),  # warp-specialised
+    ([200, 0, 1], 512, 384, 1, GroupedGemmConfig(block_m=128, block_n=256)),  # stacked, 2 scale blocks a warpgroup
+    ([1, 130], 256, 256, 2, GroupedGemmConfig(block_m=128, block_n=128, max_concurrent_steps=2)),  # stacked
+    ([70, 5], 256, 256, 1, GroupedGemmConfig(consumers=1, block_n=256)),  # one warpgroup, 2 scale blocks
+    ([130, 0, 200], 768, 128, 2, GroupedGemmConfig(group_m=3)),  # grouped tile order, a partial last group
 ])
 def test_kernel_equals_the_reference_in_interpret_mode(rng, sizes, n, k, n_weights, config):
-  be = block_layout(sizes)
-  m = len(be) * BM
+  bm = (config or GroupedGemmConfig()).block_m
+  be = block_layout(sizes, bm=bm)
+  m = len(be) * bm
   xq, xs = quant.act_quant(jnp.asarray(rng.standard_normal((m, k)) * rng.uniform(0.1, 10, (m, 1)), jnp.float32))
   weights = [fp8_experts(rng, len(sizes), n, k) for _ in range(n_weights)]
   args = (xq, xs, tuple(w for w, _ in weights), tuple(s for _, s in weights), jnp.asarray(be))
   got = grouped_gemm_fp8(*args, config, out_dtype=jnp.float32, interpret=True)
-  ref = grouped_gemm_fp8_reference(*args, out_dtype=jnp.float32)
-  used = int(np.sum(be >= 0)) * BM
+  ref = grouped_gemm_fp8_reference(*args, block_m=bm, out_dtype=jnp.float32)
+  used = int(np.sum(be >= 0)) * bm
   assert got.shape == (n_weights, m, n)
   assert rel_err(got[:, :used], ref[:, :used]) < 1e-5
 
@@ -51,10 +58,10 @@ def test_kernel_lowers_for_hopper_at_the_671b_shapes():
   cfg = preset("v32-671b")
   e, d, i, m = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim, 64 * 300
   f8, s = jnp.float8_e4m3fn, jax.ShapeDtypeStruct
-  for config in (GroupedGemmConfig(consumers=1), GroupedGemmConfig(consumers=2)):
+  for config in (GroupedGemmConfig(consumers=1), GroupedGemmConfig(consumers=2), STACKED):
     for n, k, count in ((i, d, 2), (d, i, 1)):  # gate + up in one launch; down
       args = (s((m, k), f8), s((m, k // 128), jnp.float32), (s((e, n, k), f8),) * count,
-              (s((e, n // 128, k // 128), jnp.float32),) * count, s((m // 64,), jnp.int32))
+              (s((e, n // 128, k // 128), jnp.float32),) * count, s((m // config.block_m,), jnp.int32))
       run = jax.jit(lambda *a, config=config: grouped_gemm_fp8(*a, config=config))
       assert "mosaic_gpu" in run.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
@@ -83,6 +90,24 @@ def test_dense_fp8_linear_equals_the_reference_in_interpret_mode(rng, lead, n, k
   assert rel_err(got, linear(p, x)) < 1e-5
 
 
+@pytest.mark.parametrize("config", [STACKED, GroupedGemmConfig(block_m=128, block_n=128, group_m=2)])
+def test_dense_fp8_linear_with_the_stacked_tilings_in_interpret_mode(rng, config):
+  """N = 192 padded to the CTA's 256 or 128-multiple columns (the scale grid too), 150 rows to 256."""
+  p = fp8_linear(rng, 192, 256)
+  x = jnp.asarray(rng.standard_normal((150, 256)) * rng.uniform(0.1, 10, (150, 1)), jnp.float32)
+  got = dense_gemm_fp8(x, p["weight"], p["scale"], jnp.float32, interpret=True, config=config)
+  assert got.shape == (150, 192)
+  assert rel_err(got, linear(p, x)) < 1e-5
+
+
+def test_dense_config_groups_the_tile_order_for_many_rows():
+  assert dense_config(GROUPED_ORDER_FROM - 1, 7168) == default_config(7168)
+  assert dense_config(GROUPED_ORDER_FROM, 7168).group_m == GROUPED_ORDER_M > 0
+  assert default_config(7168).cta_n == 256 and default_config(7168).consumers == 2
+  narrow = dense_config(131072, 640)  # wkv_a's 576 outputs, padded to 128s: one 128-column warpgroup
+  assert (narrow.block_m, narrow.cta_n, narrow.consumers, narrow.group_m) == (64, 128, 1, GROUPED_ORDER_M)
+
+
 def test_dense_fp8_linear_lowers_for_hopper_at_the_671b_shapes():
   """wo over a 128K prefill and wkv_a (576 outputs: padded to 640) at a decode step."""
   cfg = preset("v32-671b")
@@ -107,6 +132,10 @@ def test_kernel_rejects_bad_operands(rng):
     grouped_gemm_fp8(xq, xs, (w,), (s[:, :, :1],), be)
   with pytest.raises(ValueError, match="block_m"):
     GroupedGemmConfig(block_m=48)
+  with pytest.raises(ValueError, match="block_m"):
+    GroupedGemmConfig(block_m=128, consumers=1)
+  with pytest.raises(ValueError, match="block_n"):
+    GroupedGemmConfig(block_n=192)
   with pytest.raises(ValueError, match="multiple of 256"):
     grouped_gemm_fp8(xq, xs, (w,), (s,), be, GroupedGemmConfig(consumers=2))
 
@@ -165,20 +194,21 @@ def test_fp8_experts_backend_choice():
 
 
 @pytest.mark.gpu
-def test_kernel_on_gpu(rng):
+@pytest.mark.parametrize("config", [GroupedGemmConfig(consumers=1), GroupedGemmConfig(consumers=2), STACKED,
+                                    GroupedGemmConfig(block_m=128, block_n=128), GroupedGemmConfig(group_m=3)])
+def test_kernel_on_gpu(rng, config):
   sizes = [300, 0, 17, 0, 1, 190, 0, 64]
-  be = block_layout(sizes)
-  m = len(be) * BM
+  be = block_layout(sizes, bm=config.block_m)
+  m = len(be) * config.block_m
   xq, xs = quant.act_quant(jnp.asarray(rng.standard_normal((m, 512)), jnp.bfloat16))
   weights = [fp8_experts(rng, len(sizes), 512, 512) for _ in range(2)]
   args = (xq, xs, tuple(w for w, _ in weights), tuple(s for _, s in weights), jnp.asarray(be))
-  used = int(np.sum(be >= 0)) * BM
-  ref = grouped_gemm_fp8_reference(*args, out_dtype=jnp.float32)[:, :used]
-  for config in (GroupedGemmConfig(consumers=1), GroupedGemmConfig(consumers=2)):
-    got = jax.jit(lambda *a: grouped_gemm_fp8(*a, config=config))(*args)[:, :used].astype(jnp.float32)
-    assert rel_err(got, ref) < 1e-2  # bf16 output
-    exact = jax.jit(lambda *a: grouped_gemm_fp8(*a, config=config, out_dtype=jnp.float32))(*args)[:, :used]
-    assert rel_err(exact, ref) < 1e-3  # FP8 tensor cores accumulate in less than float32: 1.3e-4 on H100
+  used = int(np.sum(be >= 0)) * config.block_m
+  ref = grouped_gemm_fp8_reference(*args, block_m=config.block_m, out_dtype=jnp.float32)[:, :used]
+  got = jax.jit(lambda *a: grouped_gemm_fp8(*a, config=config))(*args)[:, :used].astype(jnp.float32)
+  assert rel_err(got, ref) < 1e-2  # bf16 output
+  exact = jax.jit(lambda *a: grouped_gemm_fp8(*a, config=config, out_dtype=jnp.float32))(*args)[:, :used]
+  assert rel_err(exact, ref) < 1e-3  # FP8 tensor cores accumulate in less than float32: 1.3e-4 on H100
 
 
 @pytest.mark.gpu
@@ -197,10 +227,11 @@ def test_moe_layer_with_the_kernel_on_gpu(tiny_cfg, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", [300, GROUPED_ORDER_FROM + 100])  # rows first; the grouped tile order
 @pytest.mark.parametrize("n, k", [(576, 7168), (1024, 1536)])  # wkv_a's 576 outputs (padded); a 2-consumer N
-def test_dense_fp8_linear_on_gpu(rng, n, k):
+def test_dense_fp8_linear_on_gpu(rng, n, k, rows):
   p = fp8_linear(rng, n, k)
-  x = jnp.asarray(rng.standard_normal((2, 300, k)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, rows, k)), jnp.float32)
   assert dispatch.fp8_linear_backend("auto", True, k, jnp.bfloat16) == "gpu"
   exact = jax.jit(lambda p, x: linear(p, x, impl="pallas"))(p, x)  # forced: "auto" keeps float32 exact
   assert rel_err(exact, linear(p, x)) < 1e-3  # FP8 tensor cores accumulate in less than float32

@@ -95,8 +95,8 @@ class GroupedGemmConfig:
 
 
 DEFAULT_CONFIG = GroupedGemmConfig()
-# A prefill's dense linears walk their tiles in groups of 16 row blocks: at 128K rows on the H200 that
-# was 3-6% faster than rows first for wo / wq_b, and 2-4% slower at 4K (BENCHMARKS.md, session 25).
+# A prefill's dense linears walk their tiles in groups of 16 row blocks: on the H200 that was 2% (16K rows),
+# 6% (32K) and 4% (128K) faster than rows first over wo + wq_b + wq_a, and 3% slower at 4K (BENCHMARKS.md).
 GROUPED_ORDER_M = 16
 GROUPED_ORDER_FROM = 16384  # rows
 
@@ -109,10 +109,15 @@ def default_config(n: int) -> GroupedGemmConfig:
 def dense_config(m: int, n: int) -> GroupedGemmConfig:
   """The tiling of a dense FP8 linear with M rows and N (padded) output columns.
 
-  The stacked tilings (``block_m`` = 128) were slower than side by side for every projection at 4K and
-  128K rows (H200, BENCHMARKS.md session 24/25), so they stay a tuning choice, not a default.
+  N a multiple of 256 (wq_a, wq_b, wo, the indexer's wq_b): the default, side by side. Narrower or ragged N
+  (wkv_a's 640 padded columns, the indexer's wk's 128): two warpgroups stacked on 128 x 128 tiles, 5-15%
+  faster than one warpgroup at 4K and 128K rows. From ``GROUPED_ORDER_FROM`` rows the tiles go in groups of
+  ``GROUPED_ORDER_M`` row blocks. The stacked 128 x 256 tiling was slower than side by side for every wide
+  projection (H200, BENCHMARKS.md sessions 24-25).
   """
-  config = default_config(n)
+  config = DEFAULT_CONFIG
+  if n % DEFAULT_CONFIG.cta_n:
+    config = GroupedGemmConfig(block_m=128, block_n=SCALE_BLOCK, consumers=2)
   return dataclasses.replace(config, group_m=GROUPED_ORDER_M) if m >= GROUPED_ORDER_FROM else config
 
 

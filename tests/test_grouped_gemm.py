@@ -73,7 +73,7 @@ def fp8_linear(rng, n, k):
 
 @pytest.mark.parametrize("lead, n, k", [
     ((2, 35), 192, 256),  # rows padded to the tile; N = 192: a partial scale block, padded to 256 (2 consumers)
-    ((70,), 128, 384),    # one 128-column block: one consumer
+    ((70,), 128, 384),    # one 128-column block: 2 warpgroups stacked (128 x 128)
 ])
 def test_dense_fp8_linear_equals_the_reference_in_interpret_mode(rng, lead, n, k):
   """``layers.linear`` with impl="pallas" off a GPU: act_quant + the FP8 GEMM (interpreted) against the
@@ -100,12 +100,13 @@ def test_dense_fp8_linear_with_the_stacked_tilings_in_interpret_mode(rng, config
   assert rel_err(got, linear(p, x)) < 1e-5
 
 
-def test_dense_config_groups_the_tile_order_for_many_rows():
+def test_dense_config_stacks_narrow_outputs_and_groups_the_tile_order_for_many_rows():
   assert dense_config(GROUPED_ORDER_FROM - 1, 7168) == default_config(7168)
   assert dense_config(GROUPED_ORDER_FROM, 7168).group_m == GROUPED_ORDER_M > 0
-  assert default_config(7168).cta_n == 256 and default_config(7168).consumers == 2
-  narrow = dense_config(131072, 640)  # wkv_a's 576 outputs, padded to 128s: one 128-column warpgroup
-  assert (narrow.block_m, narrow.cta_n, narrow.consumers, narrow.group_m) == (64, 128, 1, GROUPED_ORDER_M)
+  assert dense_config(4096, 7168) == default_config(7168) and default_config(7168).cta_n == 256
+  narrow = dense_config(131072, 640)  # wkv_a's 576 outputs, padded to 128s: 2 warpgroups stacked, 128 x 128
+  assert (narrow.block_m, narrow.cta_n, narrow.consumers, narrow.group_m) == (128, 128, 2, GROUPED_ORDER_M)
+  assert dense_config(4096, 128).group_m == 0 and dense_config(4096, 128).block_m == 128
 
 
 def test_dense_fp8_linear_lowers_for_hopper_at_the_671b_shapes():

@@ -153,17 +153,18 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   fused = dispatch.fused_mha_implementation(q_nope.dtype, cfg.qk_head_dim, opts.kernels) if form == "naive" else None
   if fused:  # the official form through cuDNN's flash attention: select for every query first, then attend
     idx = None
+    fresh = kv_len == s  # a prefill from slot 0
     if select:
       block = (opts.kernel_query_chunk if dispatch.index_logits_runs_kernel(index_q, keys.index_k, opts.kernels)
                else opts.query_chunk)
       # A fresh prefill's first index_topk queries see at most index_topk keys: one block of them takes
       # every visible key (select_keys' cond) instead of sharing a scored block (4K: half the logits + top-k).
-      head = cfg.index_topk if kv_len == s and s > cfg.index_topk else 0
+      head = cfg.index_topk if fresh and s > cfg.index_topk else 0
       idx = map_query_blocks(select_keys, block, index_q[:, head:], index_w[:, head:], positions[:, head:])
       if head:
         idx = jnp.concatenate([select_keys(index_q[:, :head], index_w[:, :head], positions[:, :head]), idx], axis=1)
     o = fused_naive_attention_blocks(cfg, fused, q_nope, q_pe, k_nope, v, keys.k_pe, positions, idx,
-                                     fresh=kv_len == s)
+                                     fresh=fresh)
     return linear(p["wo"], o.reshape(b, s, -1), impl=linears), cache, idx
 
   def attend(q_nope, q_pe, index_q, index_w, pos):

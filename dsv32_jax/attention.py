@@ -27,7 +27,7 @@ from dsv32_jax import indexer, mla
 from dsv32_jax.config import ModelConfig
 from dsv32_jax.layers import linear
 from dsv32_jax.options import RunOptions
-from pallas_kernels import dispatch
+from pallas_kernels import dispatch, masked_mha_mgpu
 
 
 def selection_mask(idx: Int[Array, "b s k"], kv_len: int) -> Bool[Array, "b s t"]:
@@ -94,6 +94,41 @@ def fused_naive_attention_blocks(cfg: ModelConfig, implementation: str, q_nope: 
   return jnp.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
 
 
+def masked_kernel_attention_blocks(cfg: ModelConfig, q_nope: Float[Array, "b s h n"], q_pe, k_nope: Float[Array, "b t h n"],
+                                   v, k_pe, positions: Int[Array, "b s"], idx: Int[Array, "b s k"] | None, *,
+                                   fresh: bool, interpret: bool = False) -> Float[Array, "b s h v"]:
+  """The MHA form through ``pallas_kernels.masked_mha_mgpu``, the top-k set as one bit a (query, key).
+
+  fresh (queries are slots 0 .. s-1, kv_len == s): the kernel's causal rule, no key tile past a block's
+  last query read; the first index_topk queries take no bits (they select every visible key), the rest go
+  in blocks of at most ``FUSED_MASK_ELEMENTS`` (query, key) pairs with their top-k bits. Otherwise each
+  query's bits are its visible keys (and its top-k set) over all kv_len keys.
+  """
+  b, s = positions.shape
+  t = k_nope.shape[1]
+  q, k = mla.mha_queries_keys(q_nope, q_pe, k_nope, k_pe)
+
+  def run(lo, hi, keys_end, words, causal):
+    return masked_mha_mgpu.masked_mha_mgpu(q[:, lo:hi], k[:, :keys_end], v[:, :keys_end], words, cfg.softmax_scale,
+                                           causal=causal, q_offset=lo, interpret=interpret)
+
+  head = min(s, cfg.index_topk) if fresh and idx is not None else 0
+  outputs = [run(0, head, head, None, True)] if head else []
+  block = s if fresh and idx is None else max(1, FUSED_MASK_ELEMENTS // (b * t))  # no bits: one call
+  for lo in range(head, s, block):
+    hi = min(s, lo + block)
+    if fresh:
+      words = None if idx is None else masked_mha_mgpu.selection_words(idx[:, lo:hi], hi)
+      outputs.append(run(lo, hi, hi, words, True))
+    else:
+      allowed = jnp.arange(t)[None, None, :] <= positions[:, lo:hi, None]
+      if idx is not None:
+        allowed = allowed & selection_mask(idx[:, lo:hi], t)
+      outputs.append(masked_mha_mgpu.masked_mha_mgpu(q[:, lo:hi], k, v, masked_mha_mgpu.pack_mask(allowed),
+                                                     cfg.softmax_scale, causal=False, interpret=interpret))
+  return jnp.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
+
+
 def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s d"], cache: cache_lib.LayerCache,
               layer: Int[Array, ""], start: Int[Array, "b"], kv_len: int, cos, sin):
   """Returns (output [B,S,D], cache with this layer's new slots written, top-k indices [B,S,k] or None).
@@ -150,8 +185,9 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
 
     return jax.lax.cond(jnp.max(pos) < cfg.index_topk, every_visible_key, scored)
 
-  fused = dispatch.fused_mha_implementation(q_nope.dtype, cfg.qk_head_dim, opts.kernels) if form == "naive" else None
-  if fused:  # the official form through cuDNN's flash attention: select for every query first, then attend
+  fused = (dispatch.fused_mha_implementation(q_nope.dtype, cfg.qk_head_dim, opts.kernels, cfg.v_head_dim)
+           if form == "naive" else None)
+  if fused:  # the official form through fused attention (cuDNN or the masked kernel): select first, then attend
     idx = None
     fresh = kv_len == s  # a prefill from slot 0
     if select:
@@ -163,8 +199,12 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
       idx = map_query_blocks(select_keys, block, index_q[:, head:], index_w[:, head:], positions[:, head:])
       if head:
         idx = jnp.concatenate([select_keys(index_q[:, :head], index_w[:, :head], positions[:, :head]), idx], axis=1)
-    o = fused_naive_attention_blocks(cfg, fused, q_nope, q_pe, k_nope, v, keys.k_pe, positions, idx,
-                                     fresh=fresh)
+    if fused in ("mgpu", "interpret"):
+      o = masked_kernel_attention_blocks(cfg, q_nope, q_pe, k_nope, v, keys.k_pe, positions, idx, fresh=fresh,
+                                         interpret=fused == "interpret")
+    else:
+      o = fused_naive_attention_blocks(cfg, fused, q_nope, q_pe, k_nope, v, keys.k_pe, positions, idx,
+                                       fresh=fresh)
     return linear(p["wo"], o.reshape(b, s, -1), impl=linears), cache, idx
 
   def attend(q_nope, q_pe, index_q, index_w, pos):

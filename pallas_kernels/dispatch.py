@@ -152,19 +152,31 @@ def fp8_linear_backend(impl: str, fp8_weight: bool, in_features: int, dtype) -> 
 # --- Dense attention in MLA's MHA form (the official prefill) -------------------------------------
 
 
-def fused_mha_implementation(dtype, head_dim: int, impl: str = "auto") -> str | None:
-  """The ``jax.nn.dot_product_attention`` implementation for the official prefill's MHA form (keys and
-  values per head, the top-k set as a mask), or None for the reference's einsums and softmax.
+MASKED_MHA_BY_DEFAULT = False  # whether "auto" takes the masked-attention kernel over cuDNN on Hopper
 
-  On a GPU ``"auto"`` (and ``"pallas"``: there is no Pallas kernel for dense attention) takes cuDNN's
-  fused flash attention in bf16 / fp16 for head dims it supports; float32 runs stay on the reference
-  (exact comparisons). cuDNN reads the mask as a bias but never materialises [queries, heads, keys].
+
+def fused_mha_implementation(dtype, head_dim: int, impl: str = "auto", v_head_dim: int | None = None) -> str | None:
+  """How the official prefill's MHA form (keys and values per head, the top-k set as a mask) attends
+  without materialising [queries, heads, keys]: ``"mgpu"`` (``pallas_kernels.masked_mha_mgpu``, the top-k
+  as bits), ``"interpret"`` (the same kernel in Mosaic GPU interpret mode), ``"cudnn"`` (cuDNN's fused
+  flash attention through ``jax.nn.dot_product_attention``, the mask as a bias it reads for every tile),
+  or None for the reference's einsums and softmax.
+
+  On a GPU in bf16 / fp16 ``"auto"`` takes cuDNN for head dims it supports (or the kernel on Hopper where
+  ``MASKED_MHA_BY_DEFAULT``); ``"pallas"`` takes the kernel wherever it supports the operands (bf16, head
+  dims multiples of 64; v_head_dim defaults to head_dim), in interpret mode off a GPU. float32 runs stay
+  on the reference (exact comparisons).
   """
   _check_impl(impl)
-  cudnn_dtype = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  if impl != "reference" and on_gpu() and cudnn_dtype and head_dim % 8 == 0 and head_dim <= 256:
-    return "cudnn"
-  return None
+  from pallas_kernels import masked_mha_mgpu
+  kernel = masked_mha_mgpu.supports(head_dim, v_head_dim or head_dim, dtype)
+  if impl == "pallas" and kernel:
+    return "mgpu" if on_gpu() else "interpret"
+  if impl == "reference" or not on_gpu() or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return None
+  if kernel and on_hopper() and impl == "auto" and MASKED_MHA_BY_DEFAULT:
+    return "mgpu"
+  return "cudnn" if head_dim % 8 == 0 and head_dim <= 256 else None
 
 
 # --- DeepSeek Sparse Attention: lightning-indexer logits, top-k selection, sparse MLA ------------

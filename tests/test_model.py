@@ -180,6 +180,53 @@ def test_fused_mha_form_equals_the_reference(tiny_cfg, tiny_params_bf16, rng, mo
   np.testing.assert_array_equal(np.sort(got[5], -1), np.sort(want[5], -1))
 
 
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_masked_kernel_form_equals_the_reference(tiny_cfg, tiny_params_bf16, rng, monkeypatch, blocks):
+  """The official form through the masked-attention kernel (``pallas_kernels.masked_mha_mgpu``, in Mosaic GPU
+  interpret mode here; bf16), the top-k set as bits, against the reference's masked einsums in bf16 with the
+  same selections: a prefill that selects (40 > index_topk: its first index_topk queries causal without
+  bits, the rest in ``blocks`` blocks), one that does not (12), and a prefill continued from slot 20."""
+  check_masked_kernel_form(tiny_cfg, tiny_params_bf16, rng, monkeypatch, blocks, "interpret")
+
+
+@pytest.mark.gpu
+def test_masked_kernel_form_equals_the_reference_on_gpu(tiny_cfg, tiny_params_bf16, rng, monkeypatch):
+  check_masked_kernel_form(tiny_cfg, tiny_params_bf16, rng, monkeypatch, 3, "mgpu")
+
+
+def check_masked_kernel_form(tiny_cfg, tiny_params_bf16, rng, monkeypatch, blocks, implementation):
+  import dsv32_jax.attention as attention_module
+  from pallas_kernels import dispatch
+  p = jax.tree.map(lambda a: a[0], tiny_params_bf16["moe_layers"])["attn"]
+  x = jnp.asarray(rng.standard_normal((2, 40, tiny_cfg.dim)), jnp.bfloat16)
+  opts = RunOptions(indexer_quant=False, kernels="reference")
+
+  def run(first: int, last: int, cache=None):
+    cos, sin = rope_angles(tiny_cfg, jnp.broadcast_to(jnp.arange(first, last), (2, last - first)))
+    cache = cache or cache_lib.init_cache(tiny_cfg, 1, 2, 40, jnp.bfloat16, False)
+    return attention(p, tiny_cfg, opts, x[:, first:last], cache, jnp.int32(0), jnp.full(2, first, jnp.int32),
+                     last, cos, sin)
+
+  def all_cases():
+    prefill, _, idx = run(0, 40)
+    short, _, no_idx = run(0, 12)
+    _, cache, _ = run(0, 20)
+    continued, _, idx_continued = run(20, 40, cache)
+    return prefill, idx, short, no_idx, continued, idx_continued
+
+  want = all_cases()
+  assert dispatch.fused_mha_implementation(jnp.bfloat16, tiny_cfg.qk_head_dim, "pallas", tiny_cfg.v_head_dim) in (
+      "interpret", "mgpu")
+  monkeypatch.setattr(dispatch, "fused_mha_implementation", lambda *a, **k: implementation)
+  monkeypatch.setattr(attention_module, "FUSED_MASK_ELEMENTS", 2 * 40 * -(-(40 - tiny_cfg.index_topk) // blocks))
+  got = all_cases()
+  assert got[3] is None and want[3] is None
+  for g, w in zip(got[::2], want[::2]):
+    assert rel_err(g, w) < 2e-2  # bf16 probabilities in the reference, float32 in the kernel
+  np.testing.assert_array_equal(np.sort(got[1], -1), np.sort(want[1], -1))
+  np.testing.assert_array_equal(np.sort(got[5], -1), np.sort(want[5], -1))
+
+
 def test_long_prefills_take_the_gathered_form_where_the_kernels_run(tiny_cfg, tiny_params_bf16, rng, monkeypatch):
   """RunOptions.gathered_prefill_from: a prefill over more keys than that takes the latent form over the
   gathered rows when the DSA kernels run on them (forced here; the reference attends); a shorter one, or

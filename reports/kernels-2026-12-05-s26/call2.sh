@@ -1,8 +1,14 @@
 #!/bin/bash
-# Session 26, call 2: the masked-attention Mosaic GPU kernel against cuDNN at 4K (671B shapes); its GPU tests.
+# Session 26, call 2: the masked-attention Mosaic GPU kernel against cuDNN at 4K (671B shapes); its GPU tests;
+# one 671B layer's attention at 4K with the kernel (kernels=pallas) beside the default (cuDNN's mask).
 export PYTHONPATH=.
 F="-e ^WARNING -e ^I0000 -e ^W0000 -e bfc_allocator -e slow_operation -e DeprecationWarning -e Constant.folding -e ^$"
-nvcc --version 2>/dev/null | tail -2; python3 -c "import jax; print(jax.__version__)"
-timeout 360 python3 benchmarks/masked_mha_gpu.py --out $OUT/call2_masked_mha.json 2>&1 | grep -v $F | tail -40
-timeout 150 python3 -m pytest -q -m gpu tests/test_masked_mha.py -x -rf 2>&1 | grep -v $F | tail -15
-timeout 100 python3 -m pytest -q -m gpu tests/test_model.py -k "masked_kernel or cudnn" -x -rf 2>&1 | grep -v $F | tail -8
+python3 -c "import jax; print(jax.__version__, jax.devices()[0].device_kind)"; nvidia-smi --query-gpu=driver_version --format=csv,noheader
+timeout 240 python3 benchmarks/masked_mha_gpu.py --tilings 128,2 64,3 --iters 10 --out $OUT/call2_masked_mha.json 2>&1 \
+  | grep -v $F | tail -30
+timeout 120 python3 -m pytest -q -m gpu tests/test_masked_mha.py tests/test_model.py -k "masked or cudnn" -x -rf 2>&1 \
+  | grep -v $F | tail -8
+for k in pallas auto; do
+  timeout 70 python3 benchmarks/layer_671b.py --prefill 4096 --attention-only --dense-baseline --fp8 --decode-batch \
+    --kernels $k --iters 10 --out $OUT/call2_layer_4k_$k.json 2>&1 | grep -v $F | grep prefill
+done

@@ -59,7 +59,8 @@ def main():
   print("device:", jax.devices()[0].device_kind, flush=True)
   scale = DK ** -0.5
   key = jax.random.key(0)
-  r = lambda i, shape: jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32).astype(jnp.bfloat16)  # noqa: E731
+  def r(i, shape):
+    return jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32).astype(jnp.bfloat16)
   results = {"device": jax.devices()[0].device_kind, "checks": {}, "times_ms": {}}
 
   # Checks: the float32 reference on 8 heads, 1024 queries at offset 1024 over 2048 keys, top-512 bits.

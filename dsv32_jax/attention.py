@@ -94,8 +94,8 @@ def fused_naive_attention_blocks(cfg: ModelConfig, implementation: str, q_nope: 
   return jnp.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
 
 
-def masked_kernel_attention_blocks(cfg: ModelConfig, q_nope: Float[Array, "b s h n"], q_pe, k_nope: Float[Array, "b t h n"],
-                                   v, k_pe, positions: Int[Array, "b s"], idx: Int[Array, "b s k"] | None, *,
+def masked_kernel_attention_blocks(cfg: ModelConfig, q_nope: Float[Array, "b s h n"], q_pe,
+                                   k_nope: Float[Array, "b t h n"], v, k_pe, positions: Int[Array, "b s"], idx: Int[Array, "b s k"] | None, *,
                                    fresh: bool, interpret: bool = False) -> Float[Array, "b s h v"]:
   """The MHA form through ``pallas_kernels.masked_mha_mgpu``, the top-k set as one bit a (query, key).
 

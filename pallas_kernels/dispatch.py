@@ -164,13 +164,13 @@ def fused_mha_implementation(dtype, head_dim: int, impl: str = "auto", v_head_di
 
   On a GPU in bf16 / fp16 ``"auto"`` takes cuDNN for head dims it supports (or the kernel on Hopper where
   ``MASKED_MHA_BY_DEFAULT``); ``"pallas"`` takes the kernel wherever it supports the operands (bf16, head
-  dims multiples of 64; v_head_dim defaults to head_dim), in interpret mode off a GPU. float32 runs stay
+  dims multiples of 64; v_head_dim defaults to head_dim) on Hopper, in interpret mode off a GPU. float32 runs stay
   on the reference (exact comparisons).
   """
   _check_impl(impl)
   from pallas_kernels import masked_mha_mgpu
   kernel = masked_mha_mgpu.supports(head_dim, v_head_dim or head_dim, dtype)
-  if impl == "pallas" and kernel:
+  if impl == "pallas" and kernel and (on_hopper() or not on_gpu()):  # wgmma: Hopper only
     return "mgpu" if on_gpu() else "interpret"
   if impl == "reference" or not on_gpu() or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return None

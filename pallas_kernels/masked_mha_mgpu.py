@@ -137,8 +137,8 @@ def masked_mha_mgpu(q: Float[Array, "b s h dk"], k: Float[Array, "b t h dk"], v:
     words = pack_mask(jnp.ones((b, s, t), bool), bk)  # the padded keys must stay unseen
   masked = words is not None
   if masked and words.shape != (b, s_pad // BLOCK_Q, t_pad // WORD, BLOCK_Q):
-    raise ValueError(f"masked_mha_mgpu: mask words {words.shape}, expected {(b, s_pad // BLOCK_Q, t_pad // WORD, BLOCK_Q)}"
-                     f" (pack_mask with block_kv = {bk})")
+    want = (b, s_pad // BLOCK_Q, t_pad // WORD, BLOCK_Q)
+    raise ValueError(f"masked_mha_mgpu: mask words {words.shape}, expected {want} (pack_mask with block_kv = {bk})")
   if config.smem_bytes(dk, dv, masked) > SMEM_BYTES:
     raise ValueError(f"masked_mha_mgpu: {config} needs {config.smem_bytes(dk, dv, masked)} bytes of shared memory "
                      f"for head dims {dk} / {dv}, more than {SMEM_BYTES}")

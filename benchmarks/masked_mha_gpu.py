@@ -49,10 +49,22 @@ def cudnn(q, k, v, allowed, causal: bool, scale: float):
                                       implementation="cudnn")[..., :v.shape[-1]]
 
 
+def jax_flash_attention(q, k, v, time):
+  """Times JAX's own Hopper flash attention (equal head dims: v zero-padded to 192), causal, for scale."""
+  try:
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as jax_fa
+    fa_cfg = jax_fa.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True)
+    v_pad = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, DK - DV)))
+    time("jax attention_mgpu causal (v padded to 192)", lambda q, k, v: jax_fa.attention(q, k, v, fa_cfg), q, k, v_pad)
+  except Exception as e:  # noqa: BLE001  (a comparison only: its causal mode refuses some CUDA versions)
+    print("jax attention_mgpu:", type(e).__name__, str(e)[:200], flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--tilings", nargs="*", default=["128,2", "64,3", "64,4"], help="block_kv,stages")
   ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument("--jax-attention", action="store_true", help="also time JAX's attention_mgpu (causal, v padded)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   configs = [mm.MaskedMhaConfig(*map(int, t.split(","))) for t in args.tilings]
@@ -116,13 +128,8 @@ def main():
     time(f"kernel {tag}: top-k bits on every query", lambda q, k, v, w, cfg=cfg: mm.masked_mha_mgpu(
         q, k, v, w, scale, causal=True, config=cfg), q, k, v, mm.selection_words(idx, S, cfg.block_kv))
   time("mask words from the top-k (2048 queries)", lambda i: mm.selection_words(i, S), idx[:, TOPK:], pairs=0)
-  try:  # JAX's own Hopper flash attention (equal head dims: v padded), for scale
-    from jax.experimental.pallas.ops.gpu import attention_mgpu as jax_fa
-    fa_cfg = jax_fa.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True)
-    v_pad = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, DK - DV)))
-    time("jax attention_mgpu causal (v padded to 192)", lambda q, k, v: jax_fa.attention(q, k, v, fa_cfg), q, k, v_pad)
-  except Exception as e:  # noqa: BLE001  (a comparison only)
-    print("jax attention_mgpu:", type(e).__name__, str(e)[:200], flush=True)
+  if args.jax_attention:
+    jax_flash_attention(q, k, v, time)
   if args.out:
     with open(args.out, "w") as f:
       json.dump(results, f, indent=1)

@@ -5,7 +5,7 @@
 export PYTHONPATH=.
 F="-e ^WARNING -e ^I0000 -e ^W0000 -e bfc_allocator -e slow_operation -e DeprecationWarning -e Constant.folding -e ^$"
 python3 -c "import jax; print(jax.__version__, jax.devices()[0].device_kind)"
-timeout 150 python3 benchmarks/masked_mha_gpu.py --tilings 128,2 --iters 5 --out $OUT/call2_masked_mha.json 2>&1 \
+timeout 120 python3 benchmarks/masked_mha_gpu.py --tilings 128,2 --iters 3 --out $OUT/call2_masked_mha.json 2>&1 \
   | grep -v $F | tail -30
 for k in pallas; do
   timeout 60 python3 benchmarks/layer_671b.py --prefill 4096 --attention-only --dense-baseline --fp8 --decode-batch \

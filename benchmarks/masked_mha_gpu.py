@@ -6,7 +6,8 @@ shape, and against cuDNN's masked output at full size), then times, each alone:
 
 - cuDNN causal without a mask (what the dense layer runs) and with the top-k mask (what DSA ran),
 - the kernel causal without a mask over all 4096 queries (against cuDNN's dense),
-- the kernel as DSA uses it: the first index_topk queries causal, the rest under the top-k bits,
+- the kernel as DSA uses it: the first index_topk queries causal, the rest under the top-k bits
+  (checked against cuDNN's masked output),
 - building the mask words from the top-k indices,
 
 for each tiling given. TFLOP/s count the causal (query, key) pairs: 2 x heads x (192 + 128) a pair.
@@ -86,11 +87,8 @@ def main():
     got = mm.masked_mha_mgpu(q, k, v, mm.selection_words(idx, t, cfg.block_kv), scale, causal=True, q_offset=off,
                              config=cfg)
     results["checks"][f"reference masked {cfg.block_kv},{cfg.max_concurrent_steps}"] = e = rel(got, want)
-    got = mm.masked_mha_mgpu(q, k, v, None, scale, causal=True, q_offset=off, config=cfg)
-    e2 = rel(got, mm.reference(q, k, v, None, scale, causal=True, q_offset=off))
-    results["checks"][f"reference causal {cfg.block_kv},{cfg.max_concurrent_steps}"] = e2
-    print(f"check vs float32 reference, tiling {cfg.block_kv},{cfg.max_concurrent_steps}: masked {e:.2e}, "
-          f"causal {e2:.2e}", flush=True)
+    print(f"check vs float32 reference, tiling {cfg.block_kv},{cfg.max_concurrent_steps}: masked {e:.2e}",
+          flush=True)
 
   # The 4K prefill.
   q, k, v = r(5, (1, S, H, DK)), r(6, (1, S, H, DK)), r(7, (1, S, H, DV))
@@ -101,7 +99,7 @@ def main():
   flops = lambda pairs: 2 * H * (DK + DV) * pairs  # noqa: E731
 
   def time(name, fn, *a, pairs=pairs_causal):
-    ms = median_seconds(jax.jit(fn), *a, iters=args.iters) * 1e3
+    ms = median_seconds(fn if hasattr(fn, "lower") else jax.jit(fn), *a, iters=args.iters) * 1e3
     results["times_ms"][name] = ms
     print(f"{name:70s} {ms:8.3f} ms  {flops(pairs) / ms / 1e9:6.1f} TFLOP/s (causal pairs)", flush=True)
 
@@ -112,21 +110,22 @@ def main():
   for cfg in configs:
     tag = f"{cfg.block_kv},{cfg.max_concurrent_steps}"
 
+    @jax.jit
+    def causal(q, k, v, cfg=cfg):
+      return mm.masked_mha_mgpu(q, k, v, None, scale, causal=True, config=cfg)
+
+    @jax.jit
     def dsa(q, k, v, words, cfg=cfg):
       first = mm.masked_mha_mgpu(q[:, :TOPK], k[:, :TOPK], v[:, :TOPK], None, scale, causal=True, config=cfg)
       rest = mm.masked_mha_mgpu(q[:, TOPK:], k, v, words, scale, causal=True, q_offset=TOPK, config=cfg)
       return jnp.concatenate([first, rest], axis=1)
 
     words = mm.selection_words(idx[:, TOPK:], S, cfg.block_kv)
-    e_dense = rel(mm.masked_mha_mgpu(q, k, v, None, scale, causal=True, config=cfg), dense)
-    e_dsa = rel(jax.jit(dsa)(q, k, v, words), dsa_cudnn)
+    e_dense, e_dsa = rel(causal(q, k, v), dense), rel(dsa(q, k, v, words), dsa_cudnn)
     results["checks"][f"4K vs cuDNN {tag}"] = {"causal": e_dense, "dsa": e_dsa}
     print(f"tiling {tag}: against cuDNN at 4K: causal {e_dense:.2e}, top-k masked {e_dsa:.2e}", flush=True)
-    time(f"kernel {tag}: causal, no mask", lambda q, k, v, cfg=cfg: mm.masked_mha_mgpu(
-        q, k, v, None, scale, causal=True, config=cfg), q, k, v)
+    time(f"kernel {tag}: causal, no mask", causal, q, k, v)
     time(f"kernel {tag}: DSA (first 2048 causal, rest top-k bits)", dsa, q, k, v, words)
-    time(f"kernel {tag}: top-k bits on every query", lambda q, k, v, w, cfg=cfg: mm.masked_mha_mgpu(
-        q, k, v, w, scale, causal=True, config=cfg), q, k, v, mm.selection_words(idx, S, cfg.block_kv))
   time("mask words from the top-k (2048 queries)", lambda i: mm.selection_words(i, S), idx[:, TOPK:], pairs=0)
   if args.jax_attention:
     jax_flash_attention(q, k, v, time)

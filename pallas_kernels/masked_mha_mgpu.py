@@ -199,10 +199,8 @@ def masked_mha_mgpu(q: Float[Array, "b s h dk"], k: Float[Array, "b t h dk"], v:
         plgpu.barrier_arrive(k_free.at[slot])
         if masked or diagonal:
           col = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, bk), 1, layout=plgpu.Layout.WGMMA)
-        if masked:
-          word = lax.broadcast_in_dim(row_words[0], sc.shape, [0])
-          for w in range(1, n_words):
-            word = jnp.where(col >= w * WORD, lax.broadcast_in_dim(row_words[w], sc.shape, [0]), word)
+        if masked:  # each key's word, a register tile a word: no per-score choice between words
+          word = jnp.concatenate([lax.broadcast_in_dim(rw, (BLOCK_Q, WORD), [0]) for rw in row_words], axis=1)
           keep = (lax.shift_right_logical(word, col & (WORD - 1)) & 1) != 0
         if diagonal:
           row = plgpu.broadcasted_iota(jnp.int32, (BLOCK_Q, bk), 0, layout=plgpu.Layout.WGMMA)

@@ -1,7 +1,6 @@
 #!/bin/bash
-# Session 27, call 1: the masked-attention Mosaic GPU kernel's first run on a GPU. Its GPU tests (the kernel's and the
-# model's with it) first (their
-# failures' tails), then the kernel against the float32 reference and cuDNN at 4K with two tilings, timed side by
+# Session 27, call 1: the masked-attention Mosaic GPU kernel's first run on a GPU. Its GPU tests (the kernel's and
+# the model's with it) first (their failures' tails), then the kernel against the float32 reference and cuDNN at 4K with two tilings, timed side by
 # side with cuDNN causal/masked; then one 671B layer's attention at 4K with --kernels pallas (the kernel) and auto
 # (cuDNN masked) against the dense cuDNN baseline.
 export PYTHONPATH=.

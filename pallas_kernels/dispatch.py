@@ -152,7 +152,7 @@ def fp8_linear_backend(impl: str, fp8_weight: bool, in_features: int, dtype) -> 
 # --- Dense attention in MLA's MHA form (the official prefill) -------------------------------------
 
 
-MASKED_MHA_BY_DEFAULT = False  # whether "auto" takes the masked-attention kernel over cuDNN on Hopper
+MASKED_MHA_BY_DEFAULT = True  # "auto" takes the masked-attention kernel over cuDNN on Hopper (1.74 vs 5.60 ms at 4K, H100)
 
 
 def fused_mha_implementation(dtype, head_dim: int, impl: str = "auto", v_head_dim: int | None = None) -> str | None:

@@ -95,37 +95,42 @@ def fused_naive_attention_blocks(cfg: ModelConfig, implementation: str, q_nope: 
 
 
 def masked_kernel_attention_blocks(cfg: ModelConfig, q_nope: Float[Array, "b s h n"], q_pe,
-                                   k_nope: Float[Array, "b t h n"], v, k_pe, positions: Int[Array, "b s"], idx: Int[Array, "b s k"] | None, *,
-                                   fresh: bool, interpret: bool = False) -> Float[Array, "b s h v"]:
+                                   k_nope: Float[Array, "b t h n"], v, k_pe, positions: Int[Array, "b s"],
+                                   bits: Int[Array, "b sb tw"] | None, *, fresh: bool, bits_start: int = 0,
+                                   interpret: bool = False) -> Float[Array, "b s h v"]:
   """The MHA form through ``pallas_kernels.masked_mha_mgpu``, the top-k set as one bit a (query, key).
 
-  fresh (queries are slots 0 .. s-1, kv_len == s): the kernel's causal rule, no key tile past a block's
-  last query read; the first index_topk queries take no bits (they select every visible key), the rest go
-  in blocks of at most ``FUSED_MASK_ELEMENTS`` (query, key) pairs with their top-k bits. Otherwise each
-  query's bits are its visible keys (and its top-k set) over all kv_len keys.
+  bits: the top-k sets of queries bits_start .. s-1 as ``pack_bits`` rows over the kv_len keys
+  (``dispatch.topk_bits``: only visible keys are ever set), or None without a selection (every visible key).
+  fresh (queries are slots 0 .. s-1, kv_len == s): the kernel's causal rule, no key tile past a block's last
+  query read; the queries before bits_start take no bits (a fresh prefill's first index_topk queries select
+  every visible key), the rest go in blocks of at most ``FUSED_MASK_ELEMENTS`` (query, key) pairs with their
+  bits. Otherwise (bits_start 0) each query reads its bits over all kv_len keys, or its visible keys' without.
   """
   b, s = positions.shape
   t = k_nope.shape[1]
   q, k = mla.mha_queries_keys(q_nope, q_pe, k_nope, k_pe)
 
-  def run(lo, hi, keys_end, words, causal):
+  def run(lo, hi, keys_end, row_bits, causal):
+    words = None if row_bits is None else masked_mha_mgpu.mask_words(row_bits, keys_end)
     return masked_mha_mgpu.masked_mha_mgpu(q[:, lo:hi], k[:, :keys_end], v[:, :keys_end], words, cfg.softmax_scale,
                                            causal=causal, q_offset=lo, interpret=interpret)
 
-  head = min(s, cfg.index_topk) if fresh and idx is not None else 0
-  outputs = [run(0, head, head, None, True)] if head else []
-  block = s if fresh and idx is None else max(1, FUSED_MASK_ELEMENTS // (b * t))  # no bits: one call
-  for lo in range(head, s, block):
-    hi = min(s, lo + block)
-    if fresh:
-      words = None if idx is None else masked_mha_mgpu.selection_words(idx[:, lo:hi], hi)
-      outputs.append(run(lo, hi, hi, words, True))
-    else:
-      allowed = jnp.arange(t)[None, None, :] <= positions[:, lo:hi, None]
-      if idx is not None:
-        allowed = allowed & selection_mask(idx[:, lo:hi], t)
-      outputs.append(masked_mha_mgpu.masked_mha_mgpu(q[:, lo:hi], k, v, masked_mha_mgpu.pack_mask(allowed),
-                                                     cfg.softmax_scale, causal=False, interpret=interpret))
+  block = max(1, FUSED_MASK_ELEMENTS // (b * t))
+  if fresh:
+    head = s if bits is None else bits_start  # no bits: one causal call
+    outputs = [run(0, head, head, None, True)] if head else []
+    for lo in range(head, s, block):
+      hi = min(s, lo + block)
+      outputs.append(run(lo, hi, hi, bits[:, lo - head:hi - head], True))
+  else:
+    chex.assert_equal(bits_start, 0)
+    outputs = []
+    for lo in range(0, s, block):
+      hi = min(s, lo + block)
+      row_bits = (masked_mha_mgpu.pack_bits(jnp.arange(t)[None, None, :] <= positions[:, lo:hi, None])
+                  if bits is None else bits[:, lo:hi])
+      outputs.append(run(lo, hi, t, row_bits, False))
   return jnp.concatenate(outputs, axis=1) if len(outputs) > 1 else outputs[0]
 
 
@@ -170,38 +175,50 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   positions = start[:, None] + jnp.arange(s, dtype=start.dtype)
   key_pos = jnp.arange(kv_len)
 
-  def select_keys(index_q, index_w, pos):
+  def select_keys(index_q, index_w, pos, bits: bool = False):
+    """The top-k indices of each query [b, s, index_topk]; with bits, also the same sets as ``pack_bits``
+    rows over the kv_len keys (``dispatch.topk_bits``: from the logits, no scatter of the indices)."""
     def scored():  # reference: indexer.index_logits / select_topk; the GPU and TPU kernels via the dispatch
       # Keys past pos: left unwritten where the kernel can skip them (the top-k reads each row up to pos);
       # top-k per sequence under a sharding plan (XLA would replicate it over a split batch).
       logits = dispatch.index_logits(index_q, index_w, keys.index_k, keys.index_k_scale, pos, impl=opts.kernels,
                                      skip_invisible=True)
-      return opts.per_sequence(lambda scores, n: dispatch.topk(scores, cfg.index_topk, n, impl=opts.kernels))(
+      idx = opts.per_sequence(lambda scores, n: dispatch.topk(scores, cfg.index_topk, n, impl=opts.kernels))(
           logits, pos + 1)
+      if not bits:
+        return idx
+      return idx, opts.per_sequence(lambda scores, n: dispatch.topk_bits(scores, cfg.index_topk, n,
+                                                                          impl=opts.kernels))(logits, pos + 1)
 
     def every_visible_key():  # a block whose queries see at most index_topk keys: all of them are the top k
       slots = jnp.arange(cfg.index_topk, dtype=jnp.int32)
-      return jnp.where(slots[None, None, :] <= pos[:, :, None], slots, -1)
+      idx = jnp.where(slots[None, None, :] <= pos[:, :, None], slots, -1)
+      return (idx, masked_mha_mgpu.pack_bits(key_pos[None, None, :] <= pos[:, :, None])) if bits else idx
 
     return jax.lax.cond(jnp.max(pos) < cfg.index_topk, every_visible_key, scored)
 
   fused = (dispatch.fused_mha_implementation(q_nope.dtype, cfg.qk_head_dim, opts.kernels, cfg.v_head_dim)
            if form == "naive" else None)
   if fused:  # the official form through fused attention (cuDNN or the masked kernel): select first, then attend
-    idx = None
+    kernel = fused in ("mgpu", "interpret")  # the masked kernel reads the sets as bits, cuDNN as a boolean mask
+    idx = bits = None
     fresh = kv_len == s  # a prefill from slot 0
+    head = cfg.index_topk if select and fresh and s > cfg.index_topk else 0
     if select:
       block = (opts.kernel_query_chunk if dispatch.index_logits_runs_kernel(index_q, keys.index_k, opts.kernels)
                else opts.query_chunk)
       # A fresh prefill's first index_topk queries see at most index_topk keys: one block of them takes
-      # every visible key (select_keys' cond) instead of sharing a scored block (4K: half the logits + top-k).
-      head = cfg.index_topk if fresh and s > cfg.index_topk else 0
-      idx = map_query_blocks(select_keys, block, index_q[:, head:], index_w[:, head:], positions[:, head:])
+      # every visible key (select_keys' cond) instead of sharing a scored block (4K: half the logits + top-k);
+      # the kernel attends to them causally, with no bits.
+      idx = map_query_blocks(lambda *a: select_keys(*a, bits=kernel), block, index_q[:, head:], index_w[:, head:],
+                             positions[:, head:])
+      if kernel:
+        idx, bits = idx
       if head:
         idx = jnp.concatenate([select_keys(index_q[:, :head], index_w[:, :head], positions[:, :head]), idx], axis=1)
-    if fused in ("mgpu", "interpret"):
-      o = masked_kernel_attention_blocks(cfg, q_nope, q_pe, k_nope, v, keys.k_pe, positions, idx, fresh=fresh,
-                                         interpret=fused == "interpret")
+    if kernel:
+      o = masked_kernel_attention_blocks(cfg, q_nope, q_pe, k_nope, v, keys.k_pe, positions, bits, fresh=fresh,
+                                         bits_start=head, interpret=fused == "interpret")
     else:
       o = fused_naive_attention_blocks(cfg, fused, q_nope, q_pe, k_nope, v, keys.k_pe, positions, idx,
                                        fresh=fresh)

@@ -305,6 +305,26 @@ def topk(logits: Float[Array, "*b t"], k: int, lengths: Int[Array, "*b"] | None 
   return topk_tpu.topk(logits, k, lengths, config=config or topk_tpu.DEFAULT_CONFIG)
 
 
+def topk_bits(logits: Float[Array, "*b t"], k: int, lengths: Int[Array, "*b"] | None = None, *,
+              impl: str = "auto", config=None) -> Int[Array, "*b tw"]:
+  """``topk``'s set of each row as bits -- bit j % 32 of int32 word j // 32 set iff key j is chosen; ceil(t / 32)
+  words a row -- the mask the masked-attention kernel reads (``masked_mha_mgpu.mask_words`` lays rows out for it).
+
+  GPU: ``pallas_kernels.topk_bits_gpu`` (``config``: its ``TopkBitsConfig``), the bits straight from the logits
+  with no indices; elsewhere ``topk``'s indices (the backend's kernel or the reference) packed
+  (``masked_mha_mgpu.index_bits``).
+  """
+  backend = _dsa_backend("topk_bits", impl, gpu_kernel=True)
+  *lead, t = logits.shape
+  if backend == "gpu":
+    from pallas_kernels.topk_bits_gpu import topk_bits_gpu
+    rows = logits.reshape(-1, t)
+    row_lengths = None if lengths is None else lengths.reshape(-1)
+    return topk_bits_gpu(rows, k, row_lengths, **({"config": config} if config else {})).reshape(*lead, -1)
+  from pallas_kernels.masked_mha_mgpu import index_bits
+  return index_bits(topk(logits, min(k, t), lengths, impl=impl), t)
+
+
 def sparse_mla(q_lat: Float[Array, "b s h c"], q_pe: Float[Array, "b s h r"], kv: Float[Array, "b t c"],
                k_pe: Float[Array, "b t r"], idx: Int[Array, "b s k"], scale: float, *, impl: str = "auto",
                config=None, kv_scale: Float[Array, "b t cb"] | None = None) -> Float[Array, "b s h c"]:

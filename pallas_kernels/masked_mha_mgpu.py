@@ -75,24 +75,45 @@ def supports(head_dim_qk: int, head_dim_v: int, dtype) -> bool:
           and DEFAULT_CONFIG.smem_bytes(head_dim_qk, head_dim_v, True) <= SMEM_BYTES)
 
 
-def pack_mask(allowed: Bool[Array, "b s t"], block_kv: int = DEFAULT_CONFIG.block_kv) -> Int[Array, "b sq tw 64"]:
-  """The mask as the kernel reads it: bit j % 32 of word [b, i // 64, j // 32, i % 64] is allowed[b, i, j];
-  queries padded to a multiple of 128 and keys to a multiple of block_kv with zeros (nothing allowed)."""
-  b, s, t = allowed.shape
-  s_pad, t_pad = -(-s // (CONSUMERS * BLOCK_Q)) * CONSUMERS * BLOCK_Q, -(-t // block_kv) * block_kv
-  bits = jnp.pad(allowed, ((0, 0), (0, s_pad - s), (0, t_pad - t))).reshape(b, s_pad, t_pad // WORD, WORD)
+def pack_bits(allowed: Bool[Array, "*b t"]) -> Int[Array, "*b tw"]:
+  """Bit j % 32 of int32 word j // 32 is allowed[..., j] (keys padded to a multiple of 32 with zeros)."""
+  t = allowed.shape[-1]
+  bits = jnp.pad(allowed, [(0, 0)] * (allowed.ndim - 1) + [(0, -t % WORD)]).reshape(*allowed.shape[:-1], -1, WORD)
   words = jnp.sum(bits.astype(jnp.uint32) << jnp.arange(WORD, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-  words = lax.bitcast_convert_type(words, jnp.int32)  # [b, s_pad, t_pad / 32]
-  return jnp.transpose(words.reshape(b, s_pad // BLOCK_Q, BLOCK_Q, t_pad // WORD), (0, 1, 3, 2))
+  return lax.bitcast_convert_type(words, jnp.int32)
+
+
+def mask_words(row_words: Int[Array, "b s tw"], t: int, block_kv: int = DEFAULT_CONFIG.block_kv
+               ) -> Int[Array, "b sq tw2 64"]:
+  """Rows of ``pack_bits`` words in the kernel's layout for t keys: word [b, i // 64, w, i % 64] is row_words[b, i, w];
+  queries padded to a multiple of 128 and keys to a multiple of block_kv with zeros (nothing allowed); bits of
+  keys >= t cleared."""
+  b, s, tw = row_words.shape
+  s_pad, tw_pad = -(-s // (CONSUMERS * BLOCK_Q)) * CONSUMERS * BLOCK_Q, -(-t // block_kv) * block_kv // WORD
+  words = row_words[:, :, :tw_pad]
+  words = jnp.pad(words, ((0, 0), (0, s_pad - s), (0, tw_pad - words.shape[2])))
+  live = jnp.clip(t - WORD * jnp.arange(tw_pad), 0, WORD)  # bits of each word below t
+  words = words & jnp.where(live == WORD, -1, lax.shift_left(1, live) - 1).astype(jnp.int32)
+  return jnp.transpose(words.reshape(b, s_pad // BLOCK_Q, BLOCK_Q, tw_pad), (0, 1, 3, 2))
+
+
+def pack_mask(allowed: Bool[Array, "b s t"], block_kv: int = DEFAULT_CONFIG.block_kv) -> Int[Array, "b sq tw 64"]:
+  """The mask as the kernel reads it: bit j % 32 of word [b, i // 64, j // 32, i % 64] is allowed[b, i, j]."""
+  return mask_words(pack_bits(allowed), allowed.shape[2], block_kv)
+
+
+def index_bits(idx: Int[Array, "*b k"], t: int) -> Int[Array, "*b tw"]:
+  """``pack_bits`` of the keys idx selects among t (idx = -1 or >= t: nothing)."""
+  safe = jnp.where((idx >= 0) & (idx < t), idx, t)  # out of range: dropped by the scatter
+  rows = safe.reshape(-1, idx.shape[-1])
+  chosen = jax.vmap(lambda i: jnp.zeros((t,), bool).at[i].set(True, mode="drop"))(rows)
+  return pack_bits(chosen).reshape(*idx.shape[:-1], -1)
 
 
 def selection_words(idx: Int[Array, "b s k"], t: int, block_kv: int = DEFAULT_CONFIG.block_kv
                     ) -> Int[Array, "b sq tw 64"]:
   """``pack_mask`` of the keys idx selects (idx = -1 or >= t: nothing)."""
-  b, s, _ = idx.shape
-  safe = jnp.where((idx >= 0) & (idx < t), idx, t)  # out of range: dropped by the scatter
-  rows = jnp.zeros((b, s, t), bool)
-  return pack_mask(jax.vmap(jax.vmap(lambda r, i: r.at[i].set(True, mode="drop")))(rows, safe), block_kv)
+  return mask_words(index_bits(idx, t), t, block_kv)
 
 
 def reference(q: Float[Array, "b s h dk"], k: Float[Array, "b t h dk"], v: Float[Array, "b t h dv"],

@@ -82,7 +82,7 @@ SEGMENTS = (1, 2, 4, 8, 16, 32, 64)  # per-row segment sizes: the largest leavin
 ROW_ALIGN = 256                      # rows are padded to a multiple of this (blocks >= the largest segment)
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
 
 
@@ -92,7 +92,7 @@ def ordered_key(x: Float[Array, "..."]) -> Int[Array, "..."]:
   return bits ^ ((bits >> 31) & INT32_MAX)
 
 
-def _kth_largest_key(count_at_least, k: int, enough=None) -> Int[Array, ""]:
+def kth_largest_key(count_at_least, k: int, enough=None) -> Int[Array, ""]:
   """The largest key t with count(keys >= t) >= k: the k-th largest key.
 
   Built bit by bit from the most significant bit of the unsigned key order (u = key ^ INT32_MIN), so
@@ -124,7 +124,7 @@ def _kth_largest_key(count_at_least, k: int, enough=None) -> Int[Array, ""]:
 
 
 def _kth_largest_key_by_digits(count_at_least_each, k: int, bits: int) -> Int[Array, ""]:
-  """``_kth_largest_key`` settling `bits` bits a pass: 32 / bits passes, each counting the keys >= each
+  """``kth_largest_key`` settling `bits` bits a pass: 32 / bits passes, each counting the keys >= each
   of 2**bits thresholds (the current answer with every value of the next digit) in one sweep.
 
   ``count_at_least_each(thresholds)`` -> counts [2**bits]; they do not grow with the digit, so the digit
@@ -210,8 +210,8 @@ def topk_candidates_kernel(logits: Float[Array, "r t"], lengths: Int[Array, "r"]
                            interpret: bool = False) -> tuple[Int[Array, "r k"], Int[Array, "r"]]:
   """The kernel alone: (indices, overflow flag per row); a flagged row's indices are not valid."""
   r, t = logits.shape
-  capacity = _next_pow2(config.capacity or 2 * k)
-  k_pow2 = _next_pow2(k)
+  capacity = next_pow2(config.capacity or 2 * k)
+  k_pow2 = next_pow2(k)
   block = min(config.block, t & -t)  # a power of two dividing t: every block is whole
   if block < SEGMENTS[-1]:
     raise ValueError(f"topk_candidates_kernel: row length {t} must be a multiple of {SEGMENTS[-1]}")
@@ -257,7 +257,7 @@ def topk_candidates_kernel(logits: Float[Array, "r t"], lengths: Int[Array, "r"]
                           jnp.zeros(thresholds.shape, jnp.int32))
 
     if config.search_bits == 1:  # early stop: at most k/8 more maxima reach tau than the exact k-th largest
-      tau = _kth_largest_key(count_maxima_at_least, k, (lambda c: c <= k + k // 8) if config.stop_early else None)
+      tau = kth_largest_key(count_maxima_at_least, k, (lambda c: c <= k + k // 8) if config.stop_early else None)
     else:
       tau = _kth_largest_key_by_digits(count_maxima_at_least_each, k, config.search_bits)
 
@@ -284,7 +284,7 @@ def topk_candidates_kernel(logits: Float[Array, "r t"], lengths: Int[Array, "r"]
     keys = jnp.where(used, ordered_key(vals), INT32_MIN)
     cand_idx = pltriton.load(cand_idx_ref.at[row, pl.ds(0, capacity)], mask=used, other=-1)
     if config.search_bits == 1:
-      v = _kth_largest_key(lambda threshold: jnp.sum((keys >= threshold).astype(jnp.int32)), k,
+      v = kth_largest_key(lambda threshold: jnp.sum((keys >= threshold).astype(jnp.int32)), k,
                            (lambda c: c == k) if config.stop_early else None)  # exactly k reach v: the top k
     else:
       v = _kth_largest_key_by_digits(

@@ -150,11 +150,11 @@ def test_threshold_search_stops_early_with_a_threshold_that_serves(rng):
   keys = ordered_key(jnp.asarray(rng.standard_normal(8192), jnp.float32))
   k = 2048
   count = lambda t: jnp.sum((keys >= t).astype(jnp.int32))
-  exact = int(topk_gpu_module._kth_largest_key(count, k))
+  exact = int(topk_gpu_module.kth_largest_key(count, k))
   assert exact == int(jnp.sort(keys)[-k])
-  early = int(topk_gpu_module._kth_largest_key(count, k, lambda c: c <= k + k // 8))
+  early = int(topk_gpu_module.kth_largest_key(count, k, lambda c: c <= k + k // 8))
   assert early < exact and k <= int(count(early)) <= k + k // 8
-  assert int(count(topk_gpu_module._kth_largest_key(count, k, lambda c: c == k))) == k
+  assert int(count(topk_gpu_module.kth_largest_key(count, k, lambda c: c == k))) == k
 
 
 @pytest.mark.parametrize("search_bits", [2, 4])

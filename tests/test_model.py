@@ -183,7 +183,7 @@ def test_fused_mha_form_equals_the_reference(tiny_cfg, tiny_params_bf16, rng, mo
 @pytest.mark.parametrize("blocks", [1, 3])
 def test_masked_kernel_form_equals_the_reference(tiny_cfg, tiny_params_bf16, rng, monkeypatch, blocks):
   """The official form through the masked-attention kernel (``pallas_kernels.masked_mha_mgpu``, in Mosaic GPU
-  interpret mode here; bf16), the top-k set as bits, against the reference's masked einsums in bf16 with the
+  interpret mode here; bf16), the top-k set as bits (``topk_bits_gpu``, in Triton interpret mode), against the reference's masked einsums in bf16 with the
   same selections: a prefill that selects (40 > index_topk: its first index_topk queries causal without
   bits, the rest in ``blocks`` blocks), one that does not (12), and a prefill continued from slot 20."""
   check_masked_kernel_form(tiny_cfg, tiny_params_bf16, rng, monkeypatch, blocks, "interpret")
@@ -197,6 +197,7 @@ def test_masked_kernel_form_equals_the_reference_on_gpu(tiny_cfg, tiny_params_bf
 def check_masked_kernel_form(tiny_cfg, tiny_params_bf16, rng, monkeypatch, blocks, implementation):
   import dsv32_jax.attention as attention_module
   from pallas_kernels import dispatch
+  from pallas_kernels.topk_bits_gpu import topk_bits_gpu
   p = jax.tree.map(lambda a: a[0], tiny_params_bf16["moe_layers"])["attn"]
   x = jnp.asarray(rng.standard_normal((2, 40, tiny_cfg.dim)), jnp.bfloat16)
   opts = RunOptions(indexer_quant=False, kernels="reference")
@@ -219,6 +220,12 @@ def check_masked_kernel_form(tiny_cfg, tiny_params_bf16, rng, monkeypatch, block
       "interpret", "mgpu")
   monkeypatch.setattr(dispatch, "fused_mha_implementation", lambda *a, **k: implementation)
   monkeypatch.setattr(attention_module, "FUSED_MASK_ELEMENTS", 2 * 40 * -(-(40 - tiny_cfg.index_topk) // blocks))
+
+  def bits_kernel(logits, k, lengths, impl, config=None):  # the top-k-as-bits kernel, though the rest is the reference
+    *lead, t = logits.shape
+    return topk_bits_gpu(logits.reshape(-1, t), k, lengths.reshape(-1),
+                         interpret=implementation == "interpret").reshape(*lead, -1)
+  monkeypatch.setattr(dispatch, "topk_bits", bits_kernel)
   got = all_cases()
   assert got[3] is None and want[3] is None
   for g, w in zip(got[::2], want[::2]):

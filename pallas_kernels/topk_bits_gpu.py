@@ -1,0 +1,116 @@
+"""Each row's top-k set as bits, straight from its logits (Pallas Triton): the mask a short prefill attends under.
+
+A short prefill's official form applies each query's top-k set as a mask, and the masked-attention kernel
+(``masked_mha_mgpu``) reads that mask as one bit a (query, key). Going there through indices -- the
+top-k (``lax.top_k``'s sort for rows of at most 2k values, 0.75 ms for 2048 rows of 4K on an H100), a
+scatter into booleans and a packing (0.40 ms) -- cost more than the indexer logits and the attention's
+masking together. The bits need no indices: a value is in the set iff it is above the row's k-th
+largest value, or equal to it and among the first of its ties. So, one program per row:
+
+  1. v = the k-th largest value of the row's visible prefix, by bisection on order-preserving int32
+     keys (``topk_gpu``'s search: a pass counts the keys >= a threshold); the search stops as soon as
+     exactly k keys reach its threshold -- they are the top k, with no tie at the boundary. A row of at
+     most ``block`` values is loaded once and searched in registers; a longer one is swept block by
+     block from memory (L2) in each pass;
+  2. one pass writes the row's words: bit j % 32 of word j // 32 is set iff key_j > v, or key_j == v and
+     fewer than (k - #keys above v) ties come before j (ties to the lower index, ``lax.top_k``'s rule).
+     A -inf value is never set (a row with fewer than k finite values keeps all of them).
+
+The set equals ``dsv32_jax.indexer.select_topk``'s (``reference`` below packs its indices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+from jaxtyping import Array, Float, Int
+
+from dsv32_jax.indexer import select_topk
+from pallas_kernels.masked_mha_mgpu import WORD, index_bits
+from pallas_kernels.topk_gpu import NEG_INF_KEY, kth_largest_key, next_pow2, ordered_key
+
+
+@dataclasses.dataclass(frozen=True)
+class TopkBitsConfig:
+  block: int = 4096   # values a step (a power of two >= 32); rows of at most this many are searched in registers
+  num_warps: int = 4
+
+  def __post_init__(self):
+    if self.block < WORD or self.block & (self.block - 1):
+      raise ValueError(f"TopkBitsConfig.block = {self.block}: expected a power of two >= {WORD}")
+
+
+DEFAULT_CONFIG = TopkBitsConfig()
+
+
+def words_per_row(t: int) -> int:
+  return -(-t // WORD)
+
+
+def reference(logits: Float[Array, "r t"], k: int, lengths: Int[Array, "r"] | None = None) -> Int[Array, "r tw"]:
+  """``select_topk`` of each row (values past its length as -inf), its indices packed as bits."""
+  r, t = logits.shape
+  if lengths is not None:
+    logits = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], logits, -jnp.inf)
+  return index_bits(select_topk(logits[None], min(k, t))[0], t)  # k >= t: every finite value
+
+
+def topk_bits_gpu(logits: Float[Array, "r t"], k: int, lengths: Int[Array, "r"] | None = None,
+                  config: TopkBitsConfig = DEFAULT_CONFIG, interpret: bool = False) -> Int[Array, "r tw"]:
+  """Bit j % 32 of word [r, j // 32] is set iff key j is in row r's top k (ties to the lower index, never a
+  -inf); ``lengths[r]``: the row's values past it count as -inf whatever they hold. int32 words, ceil(t / 32)
+  a row."""
+  r, t = logits.shape
+  if k <= 0:
+    raise ValueError(f"topk_bits_gpu: k = {k}, expected >= 1")
+  block = min(config.block, max(WORD, next_pow2(t)))
+  t_pad = -(-t // block) * block
+  n_blocks = t_pad // block
+  lengths = jnp.full((r,), t, jnp.int32) if lengths is None else jnp.clip(lengths, 0, t).astype(jnp.int32)
+  rows = jnp.pad(logits, ((0, 0), (0, t_pad - t))) if t_pad != t else logits  # padding: past every length
+
+  def kernel(lengths_ref, logits_ref, words_ref):
+    row = pl.program_id(0)
+    n = lengths_ref[row]
+    lane = jnp.arange(block, dtype=jnp.int32)
+
+    def block_keys(b):  # -inf keys past the row's length
+      vals = logits_ref[row, pl.ds(b * block, block)]
+      return ordered_key(jnp.where(b * block + lane < n, vals, -jnp.inf))
+
+    if n_blocks == 1:  # the whole row in registers, every pass of the search on them
+      keys = block_keys(0)
+      count = lambda pred: jnp.sum(pred(keys).astype(jnp.int32))  # noqa: E731
+    else:
+      def count(pred):
+        return lax.fori_loop(0, n_blocks, lambda b, c: c + jnp.sum(pred(block_keys(b)).astype(jnp.int32)),
+                             jnp.int32(0))
+    # the k-th largest key; the search stops once exactly k keys reach its threshold (then they are the top k)
+    v = kth_largest_key(lambda threshold: count(lambda keys: keys >= threshold), k, lambda c: c == k)
+    room = k - count(lambda keys: keys > v)  # ties at v taken in index order
+
+    def write(b, ties_before):
+      keys_b = keys if n_blocks == 1 else block_keys(b)
+      tied = (keys_b == v).astype(jnp.int32)
+      chosen = (keys_b > v) | ((tied > 0) & (ties_before + jnp.cumsum(tied) <= room))
+      chosen = chosen & (keys_b > NEG_INF_KEY)
+      bits = lax.shift_left(chosen.astype(jnp.int32), lane % WORD)  # distinct bits: their sum is their OR
+      words_ref[row, pl.ds(b * (block // WORD), block // WORD)] = jnp.sum(bits.reshape(block // WORD, WORD), axis=1)
+      return ties_before + jnp.sum(tied)
+
+    lax.fori_loop(0, n_blocks, write, jnp.int32(0))
+
+  words = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((r, t_pad // WORD), jnp.int32),
+      grid=(r,),
+      compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=1),
+      interpret=interpret,
+      name="topk_bits_gpu",
+  )(lengths, rows)
+  return words[:, :words_per_row(t)]

@@ -158,8 +158,17 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   keys = cache_lib.read(cache, layer, kv_len)
 
   select = kv_len > cfg.index_topk
+  fresh = kv_len == s  # a prefill from slot 0
+  head = cfg.index_topk if select and fresh else 0
   if select:
-    index_q, index_w = indexer.indexer_queries(p["indexer"], cfg, x, qr, cos, sin, opts.indexer_quant, linears)
+    # A query before slot index_topk sees at most index_topk keys: all of them are its top k, whatever its
+    # logits. So a fresh prefill's first index_topk queries need no indexer queries: zeros stand in for them
+    # (finite logits; their blocks select every visible key, or score all-zero rows that keep every one).
+    index_q, index_w = indexer.indexer_queries(p["indexer"], cfg, x[:, head:], qr[:, head:], cos[:, head:],
+                                               sin[:, head:], opts.indexer_quant, linears)
+    if head:
+      index_q = jnp.pad(index_q, ((0, 0), (head, 0), (0, 0), (0, 0)))
+      index_w = jnp.pad(index_w, ((0, 0), (head, 0), (0, 0)))
   else:  # placeholders of the right batch/query shape; unused
     index_q, index_w = jnp.zeros((b, s, 1, 1), x.dtype), jnp.zeros((b, s, 1), jnp.float32)
   if (not decode and select and not gather and opts.gathered_prefill_from is not None
@@ -202,8 +211,6 @@ def attention(p: dict, cfg: ModelConfig, opts: RunOptions, x: Float[Array, "b s 
   if fused:  # the official form through fused attention (cuDNN or the masked kernel): select first, then attend
     kernel = fused in ("mgpu", "interpret")  # the masked kernel reads the sets as bits, cuDNN as a boolean mask
     idx = bits = None
-    fresh = kv_len == s  # a prefill from slot 0
-    head = cfg.index_topk if select and fresh and s > cfg.index_topk else 0
     if select:
       block = (opts.kernel_query_chunk if dispatch.index_logits_runs_kernel(index_q, keys.index_k, opts.kernels)
                else opts.query_chunk)

@@ -305,18 +305,21 @@ def topk(logits: Float[Array, "*b t"], k: int, lengths: Int[Array, "*b"] | None 
   return topk_tpu.topk(logits, k, lengths, config=config or topk_tpu.DEFAULT_CONFIG)
 
 
+TOPK_BITS_BY_DEFAULT = True  # "auto" on a GPU takes topk_bits_gpu over the indices packed
+
+
 def topk_bits(logits: Float[Array, "*b t"], k: int, lengths: Int[Array, "*b"] | None = None, *,
               impl: str = "auto", config=None) -> Int[Array, "*b tw"]:
   """``topk``'s set of each row as bits -- bit j % 32 of int32 word j // 32 set iff key j is chosen; ceil(t / 32)
   words a row -- the mask the masked-attention kernel reads (``masked_mha_mgpu.mask_words`` lays rows out for it).
 
   GPU: ``pallas_kernels.topk_bits_gpu`` (``config``: its ``TopkBitsConfig``), the bits straight from the logits
-  with no indices; elsewhere ``topk``'s indices (the backend's kernel or the reference) packed
+  with no indices (under ``"auto"`` where ``TOPK_BITS_BY_DEFAULT``); elsewhere ``topk``'s indices (the backend's kernel or the reference) packed
   (``masked_mha_mgpu.index_bits``).
   """
   backend = _dsa_backend("topk_bits", impl, gpu_kernel=True)
   *lead, t = logits.shape
-  if backend == "gpu":
+  if backend == "gpu" and (impl == "pallas" or TOPK_BITS_BY_DEFAULT):
     from pallas_kernels.topk_bits_gpu import topk_bits_gpu
     rows = logits.reshape(-1, t)
     row_lengths = None if lengths is None else lengths.reshape(-1)

@@ -305,7 +305,7 @@ def topk(logits: Float[Array, "*b t"], k: int, lengths: Int[Array, "*b"] | None 
   return topk_tpu.topk(logits, k, lengths, config=config or topk_tpu.DEFAULT_CONFIG)
 
 
-TOPK_BITS_BY_DEFAULT = True  # "auto" on a GPU takes topk_bits_gpu over the indices packed
+TOPK_BITS_BY_DEFAULT = False  # "auto" on a GPU takes topk_bits_gpu over the indices packed (off: not yet run on a GPU)
 
 
 def topk_bits(logits: Float[Array, "*b t"], k: int, lengths: Int[Array, "*b"] | None = None, *,

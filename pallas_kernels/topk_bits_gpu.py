@@ -16,7 +16,9 @@ largest value, or equal to it and among the first of its ties. So, one program p
      fewer than (k - #keys above v) ties come before j (ties to the lower index, ``lax.top_k``'s rule).
      A -inf value is never set (a row with fewer than k finite values keeps all of them).
 
-The set equals ``dsv32_jax.indexer.select_topk``'s (``reference`` below packs its indices).
+The set equals ``dsv32_jax.indexer.select_topk``'s (``reference`` below packs its indices). Written, like
+``topk_gpu``, with Pallas's Triton lowering: the ties' running count is a prefix sum over a block of the row, and
+the packing a reshape and a sum, both plain there.
 """
 
 from __future__ import annotations

@@ -1,22 +1,22 @@
 #!/bin/bash
 # Session 28, call 1: the top-k-as-bits kernel (pallas_kernels/topk_bits_gpu.py). Its benchmark against the indices
 # path it replaces (checks first), its GPU tests and the model's masked-kernel test with it, then one 671B layer's
-# attention at 4K against the dense cuDNN baseline: with the bits kernel (the new default) and, in the same call,
-# with dispatch.TOPK_BITS_BY_DEFAULT off (the indices path, session 27's default). Both with a fresh prefill's first
+# attention at 4K against the dense cuDNN baseline: with the bits kernel (dispatch.TOPK_BITS_BY_DEFAULT on) and, in
+# the same call, with it off (the indices path, session 27's default). Both with a fresh prefill's first
 # index_topk queries computing no indexer queries (new this session).
 export PYTHONPATH=.
 F="-e ^WARNING -e ^I0000 -e ^W0000 -e bfc_allocator -e slow_operation -e DeprecationWarning -e Constant.folding -e ^$"
 python3 -c "import jax; print(jax.__version__, jax.devices()[0].device_kind)"
-timeout 120 python3 benchmarks/topk_bits_gpu.py --lengths 4096 8192 --configs 4096,4 4096,8 --iters 5 --out $OUT/call1_topk_bits.json 2>&1 | grep -v $F | tail -20
-timeout 200 python3 -m pytest -q -m gpu tests/test_topk_bits.py tests/test_model.py -k "bits or masked" -rf --tb=short 2>&1 \
+timeout 100 python3 benchmarks/topk_bits_gpu.py --lengths 4096 8192 --configs 4096,4 4096,8 --iters 5 --out $OUT/call1_topk_bits.json 2>&1 | grep -v $F | tail -20
+timeout 150 python3 -m pytest -q -m gpu tests/test_topk_bits.py tests/test_model.py -k "bits or masked" -rf --tb=short 2>&1 \
   | grep -v $F | tail -25
 L="--prefill 4096 --attention-only --dense-baseline --fp8 --decode-batch --kernels auto --iters 10"
-timeout 90 python3 benchmarks/layer_671b.py $L --out $OUT/call1_layer_4k_bits.json 2>&1 | grep -v $F \
-  | grep -i -e prefill -e error | tail -6
-timeout 90 python3 -c "
+for bits in True False; do  # the bits kernel, then session 27's path (the top-k indices, scattered and packed)
+  timeout 80 python3 -c "
 import sys
 from pallas_kernels import dispatch
-dispatch.TOPK_BITS_BY_DEFAULT = False  # session 27's path: the top-k indices, scattered and packed
-sys.argv = ['layer_671b.py'] + '$L --out $OUT/call1_layer_4k_indices.json'.split()
+dispatch.TOPK_BITS_BY_DEFAULT = $bits
+sys.argv = ['layer_671b.py'] + '$L --out $OUT/call1_layer_4k_bits_$bits.json'.split()
 import benchmarks.layer_671b as b
 b.main()" 2>&1 | grep -v $F | grep -i -e prefill -e error | tail -6
+done

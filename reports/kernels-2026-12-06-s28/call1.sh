@@ -7,12 +7,12 @@
 export PYTHONPATH=.
 F="-e ^WARNING -e ^I0000 -e ^W0000 -e bfc_allocator -e slow_operation -e DeprecationWarning -e Constant.folding -e ^$"
 python3 -c "import jax; print(jax.__version__, jax.devices()[0].device_kind)"
-timeout 100 python3 benchmarks/topk_bits_gpu.py --lengths 4096 8192 --configs 4096,4 4096,8 --iters 5 --out $OUT/call1_topk_bits.json 2>&1 | grep -v $F | tail -20
-timeout 150 python3 -m pytest -q -m gpu tests/test_topk_bits.py tests/test_model.py -k "bits or masked" -rf --tb=short 2>&1 \
+timeout 70 python3 benchmarks/topk_bits_gpu.py --lengths 4096 --configs 4096,4 4096,8 --iters 5 --out $OUT/call1_topk_bits.json 2>&1 | grep -v $F | tail -20
+timeout 110 python3 -m pytest -q -m gpu tests/test_topk_bits.py tests/test_model.py -k "bits or masked" -rf --tb=short 2>&1 \
   | grep -v $F | tail -25
 L="--prefill 4096 --attention-only --dense-baseline --fp8 --decode-batch --kernels auto --iters 10"
 for bits in True False; do  # the bits kernel, then session 27's path (the top-k indices, scattered and packed)
-  timeout 80 python3 -c "
+  timeout 75 python3 -c "
 import sys
 from pallas_kernels import dispatch
 dispatch.TOPK_BITS_BY_DEFAULT = $bits

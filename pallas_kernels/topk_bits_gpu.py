@@ -9,12 +9,17 @@ largest value, or equal to it and among the first of its ties. So, one program p
 
   1. v = the k-th largest value of the row's visible prefix, by bisection on order-preserving int32
      keys (``topk_gpu``'s search: a pass counts the keys >= a threshold); the search stops as soon as
-     exactly k keys reach its threshold -- they are the top k, with no tie at the boundary. A row of at
-     most ``block`` values is loaded once and searched in registers; a longer one is swept block by
-     block from memory (L2) in each pass;
+     exactly k keys reach its threshold -- they are the top k, with no tie at the boundary. The row (at
+     most ``block`` values) is loaded once: every pass runs on registers;
   2. one pass writes the row's words: bit j % 32 of word j // 32 is set iff key_j > v, or key_j == v and
      fewer than (k - #keys above v) ties come before j (ties to the lower index, ``lax.top_k``'s rule).
      A -inf value is never set (a row with fewer than k finite values keeps all of them).
+
+Rows longer than a block are refused (``dispatch.topk_bits`` packs the top-k kernel's indices for them): a
+version sweeping longer rows block by block from memory passed in interpret mode but gave different bits on an
+H100 for rows of 20480 values (session 28), and a short prefill's official form never has such rows under the
+defaults (``RunOptions.gathered_prefill_from``). On an H100, 2048 rows of 2049..4096 values: 0.18 ms, against
+0.96 ms for the top-k's indices scattered and packed (BENCHMARKS.md).
 
 The set equals ``dsv32_jax.indexer.select_topk``'s (``reference`` below packs its indices). Written, like
 ``topk_gpu``, with Pallas's Triton lowering: the ties' running count is a prefix sum over a block of the row, and
@@ -39,12 +44,15 @@ from pallas_kernels.topk_gpu import NEG_INF_KEY, kth_largest_key, next_pow2, ord
 
 @dataclasses.dataclass(frozen=True)
 class TopkBitsConfig:
-  block: int = 4096   # values a step (a power of two >= 32); rows of at most this many are searched in registers
-  num_warps: int = 4
+  block: int = 4096   # the most values a row may have (a power of two >= 32): the row is searched in registers
+  num_warps: int = 4  # 4: 0.180 ms, 8: 0.195 ms for 2048 rows of <= 4096 values (H100)
 
   def __post_init__(self):
     if self.block < WORD or self.block & (self.block - 1):
       raise ValueError(f"TopkBitsConfig.block = {self.block}: expected a power of two >= {WORD}")
+
+  def supports(self, t: int) -> bool:
+    return t <= self.block
 
 
 DEFAULT_CONFIG = TopkBitsConfig()
@@ -70,46 +78,32 @@ def topk_bits_gpu(logits: Float[Array, "r t"], k: int, lengths: Int[Array, "r"] 
   r, t = logits.shape
   if k <= 0:
     raise ValueError(f"topk_bits_gpu: k = {k}, expected >= 1")
-  block = min(config.block, max(WORD, next_pow2(t)))
-  t_pad = -(-t // block) * block
-  n_blocks = t_pad // block
+  if not config.supports(t):
+    raise ValueError(f"topk_bits_gpu: rows of {t} values, at most TopkBitsConfig.block = {config.block} "
+                     "(one block a row, searched in registers)")
+  block = max(WORD, next_pow2(t))
   lengths = jnp.full((r,), t, jnp.int32) if lengths is None else jnp.clip(lengths, 0, t).astype(jnp.int32)
-  rows = jnp.pad(logits, ((0, 0), (0, t_pad - t))) if t_pad != t else logits  # padding: past every length
+  rows = jnp.pad(logits, ((0, 0), (0, block - t))) if block != t else logits  # padding: past every length
 
   def kernel(lengths_ref, logits_ref, words_ref):
     row = pl.program_id(0)
-    n = lengths_ref[row]
     lane = jnp.arange(block, dtype=jnp.int32)
+    keys = ordered_key(jnp.where(lane < lengths_ref[row], logits_ref[row, pl.ds(0, block)], -jnp.inf))  # -inf past the length
 
-    def block_keys(b):  # -inf keys past the row's length
-      vals = logits_ref[row, pl.ds(b * block, block)]
-      return ordered_key(jnp.where(b * block + lane < n, vals, -jnp.inf))
+    def count(pred):
+      return jnp.sum(pred(keys).astype(jnp.int32))
 
-    if n_blocks == 1:  # the whole row in registers, every pass of the search on them
-      keys = block_keys(0)
-      count = lambda pred: jnp.sum(pred(keys).astype(jnp.int32))  # noqa: E731
-    else:
-      def count(pred):
-        return lax.fori_loop(0, n_blocks, lambda b, c: c + jnp.sum(pred(block_keys(b)).astype(jnp.int32)),
-                             jnp.int32(0))
     # the k-th largest key; the search stops once exactly k keys reach its threshold (then they are the top k)
     v = kth_largest_key(lambda threshold: count(lambda keys: keys >= threshold), k, lambda c: c == k)
+    tied = (keys == v).astype(jnp.int32)
     room = k - count(lambda keys: keys > v)  # ties at v taken in index order
-
-    def write(b, ties_before):
-      keys_b = keys if n_blocks == 1 else block_keys(b)
-      tied = (keys_b == v).astype(jnp.int32)
-      chosen = (keys_b > v) | ((tied > 0) & (ties_before + jnp.cumsum(tied) <= room))
-      chosen = chosen & (keys_b > NEG_INF_KEY)
-      bits = lax.shift_left(chosen.astype(jnp.int32), lane % WORD)  # distinct bits: their sum is their OR
-      words_ref[row, pl.ds(b * (block // WORD), block // WORD)] = jnp.sum(bits.reshape(block // WORD, WORD), axis=1)
-      return ties_before + jnp.sum(tied)
-
-    lax.fori_loop(0, n_blocks, write, jnp.int32(0))
+    chosen = ((keys > v) | ((tied > 0) & (jnp.cumsum(tied) <= room))) & (keys > NEG_INF_KEY)
+    bits = lax.shift_left(chosen.astype(jnp.int32), lane % WORD)  # distinct bits: their sum is their OR
+    words_ref[row, pl.ds(0, block // WORD)] = jnp.sum(bits.reshape(block // WORD, WORD), axis=1)
 
   words = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((r, t_pad // WORD), jnp.int32),
+      out_shape=jax.ShapeDtypeStruct((r, block // WORD), jnp.int32),
       grid=(r,),
       compiler_params=pltriton.CompilerParams(num_warps=config.num_warps, num_stages=1),
       interpret=interpret,

@@ -24,15 +24,16 @@ def random_rows(rng, rows: int, t: int, ties: bool) -> np.ndarray:
 
 
 @pytest.mark.parametrize("rows, t, k, ties, block", [
-    (3, 300, 16, False, 4096),   # one block in registers, t not a multiple of 32
-    (4, 1000, 64, True, 256),    # a row swept in 4 blocks from memory; ties across blocks
+    (3, 300, 16, False, 4096),   # t not a multiple of 32
+    (4, 1000, 64, True, 1024),   # ties at the boundary
     (2, 96, 200, False, 4096),   # k > t: every finite value
-    (3, 4096, 2048, True, 1024), # the 4K prefill's k, ties at the boundary
-    (5, 2500, 700, False, 512),
+    (3, 4096, 2048, True, 4096), # the 4K prefill's rows and k
+    (5, 2500, 700, False, 4096),
 ])
 def test_kernel_equals_the_reference_in_interpret_mode(rng, rows, t, k, ties, block):
   """The same sets as select_topk (ties to the lower index); rows shorter than their buffer (values past the
-  length are garbage, not -inf), a row shorter than k, a -inf inside a row (never chosen)."""
+  length are garbage, not -inf), a row shorter than k, a -inf inside a row (never chosen). Blocks wider than
+  the rows (padding)."""
   x = random_rows(rng, rows, t, ties)
   lengths = rng.integers(t // 2, t + 1, rows).astype(np.int32)
   lengths[0] = min(t, 20)
@@ -74,9 +75,8 @@ def test_dispatch_off_the_gpu_packs_the_top_k_indices(rng):
 
 
 def test_kernel_lowers_for_hopper_at_the_671b_shapes():
-  """Pallas's Triton lowering for an H100: a 4K prefill's 2048 scored rows (one block in registers) and rows of
-  16K (swept from memory), k = 2048."""
-  for t in (4096, 16384):
+  """Pallas's Triton lowering for an H100: a 4K prefill's 2048 scored rows, k = 2048 (and rows of 3000)."""
+  for t in (4096, 3000):
     rows = jax.ShapeDtypeStruct((2048, t), jnp.float32)
     lengths = jax.ShapeDtypeStruct((2048,), jnp.int32)
     with jax.sharding.use_abstract_mesh(H100_ABSTRACT):
@@ -85,16 +85,30 @@ def test_kernel_lowers_for_hopper_at_the_671b_shapes():
     assert "triton" in text.lower()
 
 
-def test_bad_config_is_named():
+def test_bad_config_and_long_rows_are_named():
   with pytest.raises(ValueError, match="TopkBitsConfig.block"):
     TopkBitsConfig(block=48)
+  with pytest.raises(ValueError, match="rows of 5000 values"):
+    topk_bits_gpu(jnp.zeros((2, 5000)), 16, interpret=True)
+
+
+def test_dispatch_packs_the_top_k_indices_for_rows_longer_than_a_block(rng, monkeypatch):
+  """Rows past TopkBitsConfig.block take the top-k's indices packed, even where the kernel would run."""
+  monkeypatch.setattr(dispatch, "_dsa_backend", lambda *a, **k: "gpu")
+  monkeypatch.setattr(dispatch, "topk", lambda x, k, n, impl: indexer.select_topk(  # the GPU top-k's stand-in
+      jnp.where(jnp.arange(x.shape[-1]) < n[..., None], x, -jnp.inf)[None], k)[0])
+  x = jnp.asarray(random_rows(rng, 2, 600, True))
+  lengths = jnp.asarray([600, 300], jnp.int32)
+  got = dispatch.topk_bits(x, 64, lengths, config=TopkBitsConfig(block=512))
+  np.testing.assert_array_equal(got, reference(x, 64, lengths))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("t, block", [(4096, 4096), (4000, 4096), (20480, 4096)])
-def test_kernel_on_gpu(rng, t, block):
+@pytest.mark.parametrize("t", [4096, 4000, 20480])
+def test_kernel_on_gpu(rng, t):
+  """The kernel for rows of one block (4096, 4000), the dispatch's indices path beyond (20480)."""
   x = np.round(rng.standard_normal((256, t)) * 8).astype(np.float32)  # ties
   lengths = rng.integers(2049, t + 1, 256).astype(np.int32)
   lengths[:8] = 1000  # fewer visible keys than k
-  got = np.asarray(topk_bits_gpu(jnp.asarray(x), 2048, jnp.asarray(lengths), TopkBitsConfig(block=block)))
+  got = np.asarray(dispatch.topk_bits(jnp.asarray(x), 2048, jnp.asarray(lengths), impl="pallas"))
   np.testing.assert_array_equal(got, np.asarray(reference(jnp.asarray(x), 2048, jnp.asarray(lengths))))

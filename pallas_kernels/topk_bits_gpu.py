@@ -64,7 +64,7 @@ def words_per_row(t: int) -> int:
 
 def reference(logits: Float[Array, "r t"], k: int, lengths: Int[Array, "r"] | None = None) -> Int[Array, "r tw"]:
   """``select_topk`` of each row (values past its length as -inf), its indices packed as bits."""
-  r, t = logits.shape
+  t = logits.shape[1]
   if lengths is not None:
     logits = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], logits, -jnp.inf)
   return index_bits(select_topk(logits[None], min(k, t))[0], t)  # k >= t: every finite value
@@ -88,7 +88,8 @@ def topk_bits_gpu(logits: Float[Array, "r t"], k: int, lengths: Int[Array, "r"] 
   def kernel(lengths_ref, logits_ref, words_ref):
     row = pl.program_id(0)
     lane = jnp.arange(block, dtype=jnp.int32)
-    keys = ordered_key(jnp.where(lane < lengths_ref[row], logits_ref[row, pl.ds(0, block)], -jnp.inf))  # -inf past the length
+    values = logits_ref[row, pl.ds(0, block)]
+    keys = ordered_key(jnp.where(lane < lengths_ref[row], values, -jnp.inf))  # -inf past the row's length
 
     def count(pred):
       return jnp.sum(pred(keys).astype(jnp.int32))

@@ -183,8 +183,8 @@ def test_fused_mha_form_equals_the_reference(tiny_cfg, tiny_params_bf16, rng, mo
 @pytest.mark.parametrize("blocks", [1, 3])
 def test_masked_kernel_form_equals_the_reference(tiny_cfg, tiny_params_bf16, rng, monkeypatch, blocks):
   """The official form through the masked-attention kernel (``pallas_kernels.masked_mha_mgpu``, in Mosaic GPU
-  interpret mode here; bf16), the top-k set as bits (``topk_bits_gpu``, in Triton interpret mode), against the reference's masked einsums in bf16 with the
-  same selections: a prefill that selects (40 > index_topk: its first index_topk queries causal without
+  interpret mode here; bf16), the top-k set as bits (``topk_bits_gpu``, in Triton interpret mode), against the
+  reference's masked einsums in bf16 with the same selections: a prefill that selects (40 > index_topk: its first index_topk queries causal without
   bits, the rest in ``blocks`` blocks), one that does not (12), and a prefill continued from slot 20."""
   check_masked_kernel_form(tiny_cfg, tiny_params_bf16, rng, monkeypatch, blocks, "interpret")
 
